@@ -1,0 +1,260 @@
+"""Influence scores: single-stage (Koh & Liang, 2017) and multi-stage (Chen et al., 2020), cases A and B.
+
+Sign convention (``PAPER.md`` §1): I(z, x_t) = d loss(x_t; params(ε)) / dε at ε = 0 when the training example z is
+up-weighted by ε. I > 0: z is *harmful* to x_t (up-weighting it raises the test loss); I < 0: z helps. Removing z
+is ε = −1/m, so the predicted change of the test loss when z is removed (and training re-run) is −I/m.
+
+Multi-stage scores (``PAPER.md`` §2), with the test-side vectors computed once per test batch:
+
+    case A:  u = ∇_W g(x_t) − H_WΘ H_ΘΘ⁻¹ ∇_Θ g(x_t)                 (at (W*, Θ*))
+    case B:  u = α [H_B⁻¹ ∇_(W,Θ) g(x_t)]_W,  H_B = ∇²G + αI on W   (at (W~, Θ~))
+    v = (H_f + λI)⁻¹ [u; 0_U]                                         (at (W*, U*))
+    I(z_i, x_t) = −vᵀ ∇_(W,U) f(z_i)
+
+The scoring pass over the m pretraining examples is vectorised: forward-mode directional derivatives of the
+per-example losses along each v (cheap for few test points) or batched per-example gradients times V.
+
+Taught in notebook 01 (single stage), 03 (case A) and 04 (case B).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from .curvature import ParamSpace, StageObjective, check_finite, mixed_product, per_example_grads
+from .solvers import DenseFactor, SolveInfo, Solver
+from .stages import Params, Stage, TwoStage, as_tuple, index_inputs
+
+JVP_MAX_TESTS = 8
+"""``scoring="auto"`` uses forward-mode JVPs up to this many test points, per-example gradients beyond."""
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of every training (or pretraining) example for every test point.
+
+    scores: [T, m], I(z_i, x_t) (> 0 harmful, < 0 helpful).
+    predicted_change: [T, m], −I/m: predicted change of test loss t when example i is removed and training re-run.
+    test_loss: [T], the test losses at the trained parameters.
+    diagnostics: solver diagnostics by name ("finetune", "pretrain" or "hessian").
+    """
+
+    scores: Tensor
+    predicted_change: Tensor
+    test_loss: Tensor
+    diagnostics: dict[str, SolveInfo] = field(default_factory=dict)
+
+
+@dataclass
+class TestVectors:
+    """Test-side vectors v_t over a pretraining (or training) block, reusable for scoring any set of examples.
+
+    vectors: [T, p] such that I(z, x_t) = −v_t · ∇ loss(z).
+    """
+
+    vectors: Tensor
+    test_loss: Tensor
+    diagnostics: dict[str, SolveInfo]
+
+
+def check_test_batch(stage: Stage, inputs, targets: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Inputs as a tuple; raises ``ValueError`` when the test batch does not look like the stage's training data."""
+    inputs = as_tuple(inputs)
+    if len(inputs) != len(stage.inputs):
+        raise ValueError(f"The test batch has {len(inputs)} input tensor(s); the stage's model takes "
+                         f"{len(stage.inputs)}. Fix: pass inputs in the same structure as the training inputs.")
+    for k, (t, ref) in enumerate(zip(inputs, stage.inputs)):
+        if len(t) != len(targets):
+            raise ValueError(f"Test input {k} has {len(t)} rows but there are {len(targets)} test targets.")
+        if t.dim() != ref.dim() or (t.dim() > 1 and t.dtype.is_floating_point and t.shape[1:] != ref.shape[1:]):
+            raise ValueError(f"Test input {k} has shape {tuple(t.shape)}, the training inputs {tuple(ref.shape)}: "
+                             "expected [T, *example shape]. Fix: add the batch dimension (x.unsqueeze(0)) or "
+                             "preprocess the test data like the training data.")
+    if targets.dim() != stage.targets.dim():
+        raise ValueError(f"Test targets have shape {tuple(targets.shape)}, training targets "
+                         f"{tuple(stage.targets.shape)}: expected one target per test point.")
+    return inputs, targets
+
+
+def score_examples(stage: Stage, params: Params, block: Sequence[str], vectors: Tensor, *, inputs=None,
+                   targets: Tensor | None = None, batch_size: int | None = None, method: str = "auto") -> Tensor:
+    """D[t, i] = vectors[t] · ∇_block loss(example_i): [T, N] for vectors [T, p].
+
+    Examples default to the stage's training set. ``method``: ``"jvp"`` (forward-mode directional derivatives,
+    about one forward pass per test vector), ``"grad"`` (vectorised per-example gradients [B, p] times Vᵀ), or
+    ``"auto"`` (JVP for at most :data:`JVP_MAX_TESTS` vectors). Memory is bounded by ``batch_size`` examples.
+    """
+    space = ParamSpace(params, block)
+    if vectors.dim() != 2 or vectors.shape[1] != space.size:
+        raise ValueError(f"vectors must be [T, {space.size}], got {tuple(vectors.shape)}.")
+    inputs = stage.inputs if inputs is None else as_tuple(inputs)
+    targets = stage.targets if targets is None else targets
+    if method == "auto":
+        method = "jvp" if len(vectors) <= JVP_MAX_TESTS else "grad"
+    if method == "grad":
+        out = [per_example_grads(stage, params, block, index_inputs(inputs, sl), targets[sl]) @ vectors.T
+               for sl in _slices(len(targets), batch_size)]
+        return torch.cat(out, dim=0).T.contiguous()
+    if method != "jvp":
+        raise ValueError(f"Unknown scoring method {method!r}; choose 'auto', 'jvp' or 'grad'.")
+    fixed = {n: p.detach() for n, p in params.items() if n not in space.names}
+    theta = space.flatten({n: params[n].detach() for n in space.names})
+    cols = []
+    for sl in _slices(len(targets), batch_size):
+        xs, ys = index_inputs(inputs, sl), targets[sl]
+
+        def losses(th):
+            return stage.losses({**fixed, **space.unflatten(th)}, xs, ys)
+
+        cols.append(vmap(lambda v: jvp(losses, (theta,), (v,))[1])(vectors))
+    return check_finite(torch.cat(cols, dim=1), "A directional derivative of the per-example losses")
+
+
+def _slices(n: int, batch_size: int | None):
+    bs = n if batch_size is None else int(batch_size)
+    return [slice(s, min(s + bs, n)) for s in range(0, n, bs)]
+
+
+def _result(scores: Tensor, m: int, test_loss: Tensor, diagnostics: dict) -> InfluenceResult:
+    return InfluenceResult(scores, -scores / m, test_loss, diagnostics)
+
+
+# ----------------------------------------------------------------------------------------------------- single stage
+def single_stage_influence(stage: Stage, params: Params, test_inputs, test_targets: Tensor, *,
+                           solver: Solver = Solver(), block: Sequence[str] | None = None,
+                           batch_size: int | None = None, scoring: str = "auto") -> InfluenceResult:
+    """Koh & Liang influence of every training example of ``stage`` on each test point: I = −∇L(x_t)ᵀ(H+λI)⁻¹∇l(z_i).
+
+    ``params`` must be a (tight) optimum of the stage objective (weight decay included in H). ``block``
+    restricts the parameters (default: all trainable). Returns scores [T, n]. Taught in notebook 01.
+    """
+    block = stage.trainable_names if block is None else list(block)
+    test_inputs, test_targets = check_test_batch(stage, test_inputs, test_targets)
+    obj = StageObjective(stage, params, block, batch_size=batch_size)
+    g_test = per_example_grads(stage, params, block, test_inputs, test_targets)
+    V, info = solver.solve(obj, g_test)
+    with torch.no_grad():
+        test_loss = stage.losses(params, test_inputs, test_targets)
+    dots = score_examples(stage, params, block, V, batch_size=batch_size, method=scoring)
+    return _result(-dots, stage.n, test_loss, {"hessian": info})
+
+
+# ----------------------------------------------------------------------------------------------------- multi stage
+class MultiStageInfluence:
+    """Multi-stage influence of every pretraining example on finetuning test points (cases A and B).
+
+    Args:
+        two_stage: the two stages; ``two_stage.alpha`` selects case A (None) or B.
+        pretrained: (W*, U*) under the pretraining model's names (a tight optimum of F).
+        finetuned: W and Θ under the finetuning model's names: (W*, Θ*) in case A, (W~, Θ~) in case B.
+        pretrain_solver: iHVP with H_f over the pretraining block (the expensive solve).
+        finetune_solver: iHVP with H_ΘΘ (case A) or H_B (case B).
+        batch_size: examples per pass in every Hessian, gradient and scoring pass (memory bound).
+        head_refit: case A only; False drops the path through the re-fitted head (the "features only"
+            ablation of notebook 03; not the method).
+        pretrain_block: restrict the pretraining parameters P to these names (others held fixed; the score then
+            uses that block of H_f). Default: all of (W, U).
+        scoring: "auto", "jvp" or "grad" (see :func:`score_examples`).
+
+    Dense factorisations are cached per instance; results do not depend on call order.
+    Taught in notebooks 03 (case A) and 04 (case B).
+    """
+
+    def __init__(self, two_stage: TwoStage, pretrained: Params, finetuned: Params, *,
+                 pretrain_solver: Solver = Solver(), finetune_solver: Solver = Solver(),
+                 batch_size: int | None = None, head_refit: bool = True,
+                 pretrain_block: Sequence[str] | None = None, scoring: str = "auto"):
+        self.two_stage = two_stage
+        pre, ft = two_stage.pretrain, two_stage.finetune
+        self.pretrained = {n: pretrained[n].detach() for n in _require(pretrained, pre.trainable_names, "pretrained")}
+        self.finetuned = {n: finetuned[n].detach() for n in _require(finetuned, ft.trainable_names, "finetuned")}
+        self.pre_block = pre.trainable_names if pretrain_block is None else list(pretrain_block)
+        unknown = [n for n in self.pre_block if n not in pre.trainable_names]
+        if unknown:
+            raise ValueError(f"pretrain_block names {unknown} are not trainable parameters of the pretraining model "
+                             f"(choose from {pre.trainable_names}).")
+        if not any(a in self.pre_block for a, _ in two_stage.w_pairs):
+            raise ValueError("pretrain_block holds no embedding parameter, so no pretraining influence can reach "
+                             "the finetuned model. Fix: include at least one W parameter.")
+        self.pretrain_solver, self.finetune_solver = pretrain_solver, finetune_solver
+        self.batch_size, self.head_refit, self.scoring = batch_size, head_refit, scoring
+        self.w_ft = [b for _, b in two_stage.w_pairs]
+        self._pre_obj = StageObjective(pre, self.pretrained, self.pre_block, batch_size=batch_size)
+        if two_stage.case == "A":
+            self._ft_obj = StageObjective(ft, self.finetuned, ft.head_names, batch_size=batch_size)
+        else:
+            w_star = two_stage.embedding_for_finetune(self.pretrained)
+            self._ft_obj = StageObjective(ft, self.finetuned, ft.trainable_names, batch_size=batch_size,
+                                          proximal=(two_stage.alpha, w_star))
+        self._factors: dict[str, DenseFactor] = {}
+
+    @property
+    def m(self) -> int:
+        """Number of pretraining examples."""
+        return self.two_stage.pretrain.n
+
+    def _solve(self, name: str, obj: StageObjective, solver: Solver, V: Tensor) -> tuple[Tensor, SolveInfo]:
+        if solver.method != "dense":
+            return solver.solve(obj, V)
+        if name not in self._factors:
+            self._factors[name] = DenseFactor.from_hessian(obj.hessian())
+        x, info = self._factors[name].solve(V, solver.damping)
+        info.hvp_calls = info.n_params
+        return x, info
+
+    def finetune_side(self, test_inputs, test_targets: Tensor) -> tuple[Tensor, Tensor, dict[str, SolveInfo]]:
+        """u [T, p_W] (finetuning model's W order), the test losses [T], and the finetuning solve's diagnostics."""
+        ts, ft = self.two_stage, self.two_stage.finetune
+        test_inputs, test_targets = check_test_batch(ft, test_inputs, test_targets)
+        with torch.no_grad():
+            test_loss = ft.losses(self.finetuned, test_inputs, test_targets)
+        grads = per_example_grads(ft, self.finetuned, self.w_ft + ft.head_names, test_inputs, test_targets)
+        p_w = ParamSpace(self.finetuned, self.w_ft).size
+        g_w, g_head = grads[:, :p_w], grads[:, p_w:]
+        diag: dict[str, SolveInfo] = {}
+        if ts.case == "A":
+            if not self.head_refit:
+                return g_w, test_loss, diag
+            a, diag["finetune"] = self._solve("finetune", self._ft_obj, self.finetune_solver, g_head)
+            return g_w - mixed_product(ft, self.finetuned, self.w_ft, ft.head_names, a,
+                                       batch_size=self.batch_size), test_loss, diag
+        # case B: the finetuning block is (W, Θ) in exactly this order
+        s, diag["finetune"] = self._solve("finetune", self._ft_obj, self.finetune_solver, grads)
+        return ts.alpha * s[:, :p_w], test_loss, diag
+
+    def test_vectors(self, test_inputs, test_targets: Tensor) -> TestVectors:
+        """v_t = (H_f + λI)⁻¹ [u_t; 0_U] over the pretraining block, for every test point: [T, p_P]."""
+        u, test_loss, diag = self.finetune_side(test_inputs, test_targets)
+        ts = self.two_stage
+        u_named = ParamSpace(self.finetuned, self.w_ft).unflatten  # per test point below
+        pre_space = self._pre_obj.space
+        rhs = torch.zeros(len(u), pre_space.size, dtype=u.dtype, device=u.device)
+        for t in range(len(u)):
+            by_ft = u_named(u[t])
+            full = {n: torch.zeros_like(self.pretrained[n]) for n in pre_space.names}
+            full.update({a: by_ft[b] for a, b in ts.w_pairs if a in full})
+            rhs[t] = pre_space.flatten(full)
+        v, diag["pretrain"] = self._solve("pretrain", self._pre_obj, self.pretrain_solver, rhs)
+        return TestVectors(v, test_loss, diag)
+
+    def score_vectors(self, tv: TestVectors, *, inputs=None, targets: Tensor | None = None) -> InfluenceResult:
+        """Scores [T, N] of the given examples (default: the pretraining set) from precomputed test vectors."""
+        dots = score_examples(self.two_stage.pretrain, self.pretrained, self.pre_block, tv.vectors, inputs=inputs,
+                              targets=targets, batch_size=self.batch_size, method=self.scoring)
+        return _result(-dots, self.m, tv.test_loss, dict(tv.diagnostics))
+
+    def scores(self, test_inputs, test_targets: Tensor) -> InfluenceResult:
+        """I(z_i, x_t) for every pretraining example z_i and test point x_t: [T, m], with −I/m and diagnostics."""
+        return self.score_vectors(self.test_vectors(test_inputs, test_targets))
+
+
+def _require(params: Params, names: Sequence[str], what: str) -> list[str]:
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"The {what} parameters lack {missing}. Fix: pass the `params` of the fit "
+                       f"({'pretrain' if what == 'pretrained' else 'finetune'}(...).params).")
+    return list(names)
