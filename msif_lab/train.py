@@ -56,7 +56,9 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
         max_iter: L-BFGS iterations at most.
         batch_size: examples per pass (memory), not a stochastic batch: every L-BFGS step uses all examples.
         adam_epochs, adam_lr: mini-batch Adam epochs (batch ``batch_size`` or 128) before L-BFGS.
-        newton_steps: damped-free Newton steps on the dense Hessian after L-BFGS (small models only).
+        newton_steps: at most this many Newton steps on the dense Hessian (small models only), taken before L-BFGS
+            (a warm start near the optimum, as in validation re-runs, then needs no L-BFGS at all) and after it; a
+            step is taken only while the Hessian is positive definite and the objective decreases.
     """
     start = time.perf_counter()
     obj = StageObjective(stage, init, trained, proximal=proximal, sample_weights=sample_weights, batch_size=batch_size)
@@ -64,6 +66,8 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
     iterations = 0
     if adam_epochs:
         theta, iterations = _adam(obj, theta, adam_epochs, adam_lr, batch_size or 128, seed)
+    theta, steps = _newton(obj, theta, newton_steps, tol)  # a warm start near a minimum converges here
+    iterations += steps
     x = theta.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, history_size=50, tolerance_grad=tol,
                             tolerance_change=0.0, line_search_fn="strong_wolfe")
@@ -75,19 +79,29 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
 
     opt.step(closure)
     iterations += opt.state[opt._params[0]].get("n_iter", 0)
-    theta = x.detach()
-    for _ in range(newton_steps):
-        obj_at = obj.at(theta)
-        _, g = obj_at.value_and_grad()
-        if g.norm() <= tol:
-            break
-        theta = theta - torch.linalg.solve(obj_at.hessian(), g)
-        iterations += 1
+    theta, steps = _newton(obj, x.detach(), newton_steps, tol)
+    iterations += steps
     value, g = obj.value_and_grad(theta)
     params = {**init, **obj.space.unflatten(theta.clone())}
     params = {n: params[n].detach() for n in init}
     gn = float(g.norm())
     return FitResult(params, float(value), gn, iterations, time.perf_counter() - start, gn <= tol)
+
+
+def _newton(obj: StageObjective, theta: Tensor, steps: int, tol: float) -> tuple[Tensor, int]:
+    """Up to ``steps`` Newton steps on the dense Hessian while it is positive definite and the objective decreases."""
+    done = 0
+    value, g = obj.value_and_grad(theta)
+    while done < steps and g.norm() > tol:
+        L, info = torch.linalg.cholesky_ex(obj.at(theta).hessian())
+        if info != 0:  # not in a convex basin: leave it to L-BFGS
+            break
+        candidate = theta - torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+        new_value, new_g = obj.value_and_grad(candidate)
+        if not new_value <= value:
+            break
+        theta, value, g, done = candidate, new_value, new_g, done + 1
+    return theta, done
 
 
 def _adam(obj: StageObjective, theta: Tensor, epochs: int, lr: float, batch: int, seed: int) -> tuple[Tensor, int]:
