@@ -29,7 +29,7 @@ def choose_removals(scores: Tensor, n_top: int, n_random: int = 0, seed: int = 0
     ``scores`` is [m] or [T, m] (summed over test points). Half of ``n_top`` are the most positive (harmful)
     scores and half the most negative (helpful), so the validation covers both signs. Returns int64 [k], unique.
     """
-    s = scores if scores.dim() == 1 else scores.sum(0)
+    s = (scores if scores.dim() == 1 else scores.sum(0)).detach().cpu()
     m = len(s)
     if n_top + n_random > m:
         raise ValueError(f"Asked for {n_top} + {n_random} removals but there are only {m} pretraining examples.")
