@@ -71,3 +71,115 @@ class EmbeddingWithHead(nn.Module):
 def classifier(embed: nn.Module, n_classes: int) -> EmbeddingWithHead:
     """A linear classification head on top of ``embed`` (which must expose ``out_features``); logits [B, n_classes]."""
     return EmbeddingWithHead(embed, nn.Linear(embed.out_features, n_classes))
+
+
+# =====================================================================================================================
+# Text: a mini-ELMo contextual embedding and its two heads. Taught in notebook 07_nlp_contextual_embeddings.
+# Token ids come from msif_lab.text.encode: [B, L] long, <bos> ... <eos> then <pad> = 0.
+# =====================================================================================================================
+class GRUDirection(nn.Module):
+    """One direction of a GRU over padded sequences: x [B, L, in], mask [B, L] bool -> hidden states [B, L, H].
+
+    Written step by step with sigmoid/tanh (no cuDNN kernel), so it is twice differentiable and works under
+    ``torch.func.grad``/``jvp``/``vmap``. The state is carried unchanged across padding and starts at zero at
+    each sentence's first token (its last token when ``reverse``), so a sentence's states do not depend on the
+    padding or on other sentences; states at padded positions are 0.
+    """
+
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        bound = hidden ** -0.5
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden, in_features).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden, hidden).uniform_(-bound, bound))
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden).uniform_(-bound, bound))
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden).uniform_(-bound, bound))
+        self.hidden = hidden
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        gates_x = x @ self.weight_ih.T + self.bias_ih  # [B, L, 3H], all time steps at once
+        h = x.new_zeros(x.shape[0], self.hidden)
+        steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+        states: list[torch.Tensor] = [h] * x.shape[1]
+        for t in steps:
+            xr, xz, xn = gates_x[:, t].chunk(3, dim=-1)
+            hr, hz, hn = (h @ self.weight_hh.T + self.bias_hh).chunk(3, dim=-1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h_new = (1 - z) * torch.tanh(xn + r * hn) + z * h
+            m = mask[:, t, None]
+            h = torch.where(m, h_new, h)
+            states[t] = torch.where(m, h, torch.zeros_like(h))
+        return torch.stack(states, dim=1)
+
+
+class MiniELMo(nn.Module):
+    """The contextual embedding W: token ids [B, L] -> features [B, L, 2·hidden].
+
+    A word embedding (``dim``) read by a forward and a backward GRU (``hidden`` each); features are
+    ``[forward state | backward state]`` per token (``out_features = 2·hidden``), 0 at padding. The forward state
+    at t has read tokens ≤ t, the backward state tokens ≥ t (ELMo's two directional language models, here one
+    layer each and GRU cells instead of LSTM cells).
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 32, hidden: int = 32, pad_id: int = 0):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.word.weight, std=0.1)
+        self.fwd = GRUDirection(dim, hidden)
+        self.bwd = GRUDirection(dim, hidden)
+        self.pad_id = pad_id
+        self.hidden = hidden
+        self.out_features = 2 * hidden
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(f"MiniELMo expects token ids [B, L] of dtype long, got {tuple(ids.shape)} {ids.dtype}. "
+                             "Fix: use msif_lab.text.encode.")
+        mask = ids != self.pad_id
+        x = self.word(ids)
+        return torch.cat([self.fwd(x, mask), self.bwd(x, mask, reverse=True)], dim=-1)
+
+
+class BiLMHead(nn.Module):
+    """Pretraining head U: features [B, L, 2H] (, mask) -> logits [B, L, 2, V].
+
+    ``[:, t, 0]`` predicts token t+1 from the forward state, ``[:, t, 1]`` token t−1 from the backward state;
+    one softmax layer shared by both directions, as in ELMo. Loss: :func:`msif_lab.text.lm_loss`.
+    """
+
+    def __init__(self, hidden: int, vocab_size: int):
+        super().__init__()
+        self.out = nn.Linear(hidden, vocab_size)
+        self.hidden = hidden
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fwd, bwd = features[..., :self.hidden], features[..., self.hidden:]
+        return torch.stack([self.out(fwd), self.out(bwd)], dim=2)
+
+
+class SentimentHead(nn.Module):
+    """Finetuning head Θ: features [B, L, D], mask [B, L] -> logits [B, n_classes].
+
+    Mean of the features over the sentence's tokens (``<bos>``/``<eos>`` included, padding excluded), then a
+    linear layer. Loss: :func:`msif_lab.text.sentiment_loss`.
+    """
+
+    def __init__(self, in_features: int, n_classes: int = 2):
+        super().__init__()
+        self.out = nn.Linear(in_features, n_classes)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(features.dtype)
+        return self.out((features * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+class TextModel(nn.Module):
+    """``head(embed(ids), ids != pad)``: ids [B, L] -> the head's outputs. Sub-modules ``embed`` and ``head``,
+    so the pretraining (head = :class:`BiLMHead`) and finetuning (head = :class:`SentimentHead`) models share W."""
+
+    def __init__(self, embed: MiniELMo, head: nn.Module):
+        super().__init__()
+        self.embed = embed
+        self.head = head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids), ids != self.embed.pad_id)
