@@ -1,0 +1,426 @@
+"""The course runner: execute every notebook with a profile's parameters and collect a summary.
+
+    python -m msif_lab run                         # every notebooks/NN_*.ipynb, stored parameters ("default")
+    python -m msif_lab run --profile paper         # full-size settings, on a GPU when there is one
+    python -m msif_lab run --only 03 --only 04     # some notebooks (by number or file name)
+    python -m msif_lab run --only 01 -p N_TRAIN 200  # one notebook with other parameters (-> outputs/custom/)
+    python -m msif_lab run --list                  # notebooks, their parameters and the profile's overrides
+    python -m msif_lab data                        # prepare the data folder offline
+    python -m msif_lab paths                       # where data, outputs and the cache are
+
+Each notebook is executed with papermill in the ``notebooks/`` folder (as in JupyterLab and under nbval), with
+``MSIF_PROFILE`` set so that its :class:`~msif_lab.results.NotebookRun` writes to ``outputs/<profile>/``. The
+executed copies go to ``outputs/<profile>/notebooks/`` and every notebook's results.json is collected into
+``outputs/<profile>/summary.md``. Parameter names are checked against the notebook's ``parameters`` cell
+(``papermill.inspect_notebook``) before anything runs: papermill itself would only warn about a misspelling.
+A failing notebook stops the run with its name, the failing cell and the error, and a non-zero exit status.
+
+Taught in notebook 00 (section "Where outputs go") and in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .paths import atomic_path, check_name, notebooks_dir, profile_dir
+from .results import RESULTS_FILE, load_results
+
+NOTEBOOK_PATTERN = re.compile(r"^\d\d_[A-Za-z0-9_]+\.ipynb$")
+"""Course notebooks are ``notebooks/NN_name.ipynb``, run in the order of NN."""
+
+CUDA_WHEN_AVAILABLE = "cuda-when-available"
+"""A profile value for ``DEVICE``: ``"cuda"`` if torch sees a GPU, else ``"cpu"``."""
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    # default: every notebook runs with the parameters stored in its `parameters` cell.
+    "default": {},
+    # paper: full-size settings. A notebook's entry is keyed by its number; the runner also sets DEVICE to
+    # "cuda" when a GPU is available for every notebook that declares a DEVICE parameter.
+    "paper": {
+        "00": {"N_PER_CLASS": 10},  # a fuller tour grid; nothing in 00 is expensive
+        "01": {},  # entries for 01-09 are filled in by the authors of those notebooks
+        "02": {},
+        "03": {},
+        "04": {},
+        "05": {},
+        "06": {},
+        "07": {},
+        "08": {},
+        "09": {},
+    },
+}
+"""Parameters injected per profile and notebook (on top of each notebook's stored parameters)."""
+
+CUSTOM_PROFILE = "custom"
+"""Output folder name used when parameters are given on the command line (``-p``)."""
+
+
+class UnknownParameterError(ValueError):
+    """A parameter name the notebook's ``parameters`` cell does not declare, or a value of the wrong type."""
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised while executing; the message names the notebook, the cell and the error."""
+
+
+# ------------------------------------------------------------------------------------ finding notebooks
+
+
+def list_notebooks(folder: str | os.PathLike | None = None) -> list[Path]:
+    """The course notebooks ``NN_*.ipynb`` in ``folder`` (default ``notebooks/``), in order."""
+    folder = Path(folder) if folder is not None else notebooks_dir()
+    return sorted(p for p in folder.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
+
+
+def select_notebooks(notebooks: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
+    """The notebooks named in ``only`` (numbers such as ``"03"`` or file names with or without .ipynb)."""
+    if not only:
+        return list(notebooks)
+    chosen = []
+    for key in only:
+        key = key.removesuffix(".ipynb")
+        hits = [p for p in notebooks if p.stem == key or p.stem.split("_", 1)[0] == key]
+        if not hits:
+            raise ValueError(f"--only {key}: no such notebook. Available: {[p.stem for p in notebooks]}.")
+        chosen += [p for p in hits if p not in chosen]
+    return sorted(chosen)
+
+
+def notebook_title(path: Path) -> str:
+    """The first ``# `` heading of the notebook (its title), or the file name."""
+    import nbformat
+
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return path.stem
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+def declared_parameters(path: Path) -> dict[str, Any]:
+    """The notebook's parameters and their stored default values, from its ``parameters``-tagged cell."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(path))
+    out = {}
+    for name, info in declared.items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            out[name] = None  # not a literal: any value is accepted
+    return out
+
+
+def parse_value(text: str, default: Any = None) -> Any:
+    """A command-line value: kept as text if the parameter's default is a string, else a Python literal
+    (``200``, ``0.5``, ``True``, ``[0, 1]``, ``None``), falling back to the text itself."""
+    if isinstance(default, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if default is None or (value == CUDA_WHEN_AVAILABLE and isinstance(default, str)):
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_parameters(path: Path, params: dict[str, Any]) -> None:
+    """Raise :class:`UnknownParameterError` if a name is not declared by the notebook's ``parameters`` cell or
+    a value's type differs from the default's (an int for a float is fine)."""
+    declared = declared_parameters(path)
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise UnknownParameterError(
+            f"{path.name}: unknown parameter(s) {', '.join(unknown)}. The notebook's parameters cell declares: "
+            f"{', '.join(declared) or 'nothing'}. Fix: use one of those names "
+            f"(`python -m msif_lab run --list` shows them with their defaults)."
+        )
+    for name, value in params.items():
+        if not _type_ok(value, declared[name]):
+            raise UnknownParameterError(
+                f"{path.name}: parameter {name} expects a {type(declared[name]).__name__} like its default "
+                f"{declared[name]!r}, got {value!r} ({type(value).__name__})."
+            )
+
+
+def profile_parameters(profile_name: str, path: Path) -> dict[str, Any]:
+    """The parameters a profile injects into one notebook (the DEVICE rule of ``paper`` applied)."""
+    if profile_name not in PROFILES:
+        raise ValueError(f"unknown profile {profile_name!r}; choose from {list(PROFILES)}.")
+    params = dict(PROFILES[profile_name].get(path.stem.split("_", 1)[0], {}))
+    if profile_name == "paper" and "DEVICE" in declared_parameters(path):
+        params.setdefault("DEVICE", CUDA_WHEN_AVAILABLE)
+    return params
+
+
+def _resolve_device(params: dict[str, Any]) -> dict[str, Any]:
+    if params.get("DEVICE") == CUDA_WHEN_AVAILABLE:
+        import torch
+
+        params = {**params, "DEVICE": "cuda" if torch.cuda.is_available() else "cpu"}
+    return params
+
+
+# ------------------------------------------------------------------------------------------- execution
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_notebook(path: str | os.PathLike, parameters: dict[str, Any] | None = None, *,
+                 profile_name: str = CUSTOM_PROFILE, progress: bool = True) -> dict[str, Any]:
+    """Execute one notebook with ``parameters`` and return its results.json (as a dict).
+
+    The documented way to run a notebook with other parameters from Python (the CLI's ``-p`` uses it):
+    names and types are checked first (:func:`check_parameters`), the kernel runs in the notebook's folder
+    with ``MSIF_PROFILE=profile_name``, the executed copy goes to ``outputs/<profile_name>/notebooks/``.
+
+    Raises:
+        UnknownParameterError: before executing, for a name the notebook does not declare.
+        NotebookFailed: naming the notebook, the failing cell and its error.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    path = Path(path).resolve()
+    parameters = dict(parameters or {})
+    check_parameters(path, parameters)
+    parameters = _resolve_device(parameters)
+    out_dir = profile_dir(check_name(profile_name, "profile"))
+    executed = out_dir / "notebooks" / path.name
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / path.stem / RESULTS_FILE
+    results_file.unlink(missing_ok=True)  # never summarise a stale result
+    with _environment(MSIF_PROFILE=profile_name):
+        try:
+            papermill.execute_notebook(str(path), str(executed), parameters=parameters, cwd=str(path.parent),
+                                       progress_bar=progress, kernel_name="python3")
+        except PapermillExecutionError as err:
+            first_line = next((line for line in err.source.splitlines() if line.strip()), "")
+            raise NotebookFailed(
+                f"{path.name} failed at In [{err.exec_count}] (the cell starting `{first_line[:80]}`): "
+                f"{err.ename}: {err.evalue}\nThe executed notebook with the full traceback: {executed}"
+            ) from None
+        except Exception as err:  # kernel died, no such kernel, timeouts ...
+            raise NotebookFailed(f"{path.name} could not be executed: {type(err).__name__}: {err}") from err
+    if not results_file.is_file():
+        raise NotebookFailed(
+            f"{path.name} ran but wrote no {results_file}. Fix: create NotebookRun({path.stem!r}, ...) in its "
+            "Setup cell and call run.save() in its last cell (see CONTRIBUTING.md)."
+        )
+    results = load_results(results_file)
+    if results.get("profile") != profile_name:
+        raise NotebookFailed(f"{path.name}: results.json says profile {results.get('profile')!r}, "
+                             f"expected {profile_name!r}: the kernel did not receive MSIF_PROFILE.")
+    return results
+
+
+def run_course(profile_name: str = "default", only: Sequence[str] | None = None,
+               overrides: dict[str, Any] | None = None, *, output_profile: str | None = None,
+               folder: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Run the selected notebooks in order and write ``outputs/<output profile>/summary.md``; returns its path.
+
+    Args:
+        profile_name: a key of :data:`PROFILES` (which parameters to inject).
+        only: notebook numbers or names (default all).
+        overrides: parameters for every selected notebook, on top of the profile's (the CLI's ``-p``).
+        output_profile: output folder name; default the profile, or ``custom`` when ``overrides`` are given.
+        folder: where the notebooks are (default ``notebooks/``).
+
+    Raises:
+        UnknownParameterError: before anything runs. NotebookFailed: at the first failing notebook (the
+        summary then lists what ran and the failure).
+    """
+    overrides = dict(overrides or {})
+    output_profile = output_profile or (CUSTOM_PROFILE if overrides else profile_name)
+    available = list_notebooks(folder)
+    if not available:
+        raise FileNotFoundError(f"no NN_*.ipynb notebooks in {folder or notebooks_dir()}.")
+    notebooks = select_notebooks(available, only)
+    plan = []
+    for path in notebooks:  # check every notebook's parameters before running any
+        params = {**profile_parameters(profile_name, path), **overrides}
+        check_parameters(path, params)
+        plan.append((path, params))
+    entries: list[dict[str, Any]] = []
+    for i, (path, params) in enumerate(plan, 1):
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "stored parameters"
+        print(f"[{i}/{len(plan)}] {path.stem} ({shown})", flush=True)
+        start = time.perf_counter()
+        entry = {"path": path, "title": notebook_title(path), "params": params}
+        try:
+            entry["results"] = run_notebook(path, params, profile_name=output_profile, progress=progress)
+        except NotebookFailed as err:
+            entry["error"] = str(err)
+            entries.append(entry)
+            write_summary(output_profile, entries)
+            raise
+        entry["seconds"] = time.perf_counter() - start
+        entries.append(entry)
+        print(f"      done in {entry['seconds']:.1f} s", flush=True)
+    return write_summary(output_profile, entries)
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, list):
+        flat = all(isinstance(v, (int, float, str)) for v in value)
+        text = "[" + ", ".join(_fmt(v) for v in value) + "]" if flat and len(value) <= 8 else f"[{len(value)} values]"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def write_summary(output_profile: str, entries: Sequence[dict[str, Any]]) -> Path:
+    """Write ``outputs/<output_profile>/summary.md`` from the runner's entries (atomically); returns its path.
+
+    Per notebook: title, status, time, parameters, a table of its recorded numbers (beside the paper's value
+    where the notebook recorded one) and links to its figures.
+    """
+    out_dir = profile_dir(output_profile)
+    lines = [f"# msif-lab results: profile `{output_profile}`", ""]
+    devices = sorted({e["results"]["device"] for e in entries if "results" in e})
+    torch_versions = sorted({e["results"]["torch"] for e in entries if "results" in e})
+    lines += [f"Torch {', '.join(torch_versions) or '—'} on {', '.join(devices) or '—'}. "
+              "Executed notebooks are in `notebooks/`, figures beside each notebook's results.json.", ""]
+    lines += ["| notebook | title | status | time |", "|---|---|---|---|"]
+    for e in entries:
+        status = "FAILED" if "error" in e else "ok"
+        seconds = f"{e['seconds']:.0f} s" if "seconds" in e else "—"
+        lines.append(f"| [{e['path'].stem}](#{e['path'].stem}) | {_fmt(e['title'])} | {status} | {seconds} |")
+    for e in entries:
+        stem = e["path"].stem
+        lines += ["", f'<a id="{stem}"></a>', f"## {stem}: {e['title']}", ""]
+        params = ", ".join(f"`{k}={v!r}`" for k, v in e["params"].items()) or "stored parameters"
+        lines.append(f"Executed notebook: [notebooks/{e['path'].name}](notebooks/{e['path'].name}); "
+                     f"parameters: {params}.")
+        if "error" in e:
+            lines += ["", "**FAILED**", "", "```", e["error"], "```"]
+            continue
+        res = e["results"]
+        lines.append(f"Seed {res.get('seed')}, device {res['device']}, {res['elapsed_s']} s inside the notebook.")
+        values, paper = _flatten(res["results"]), _flatten(res["paper_reference"])
+        if values:
+            if paper:
+                lines += ["", "| quantity | this run | paper |", "|---|---|---|"]
+                lines += [f"| {k} | {_fmt(v)} | {_fmt(paper[k]) if k in paper else '—'} |" for k, v in values.items()]
+            else:
+                lines += ["", "| quantity | this run |", "|---|---|"]
+                lines += [f"| {k} | {_fmt(v)} |" for k, v in values.items()]
+        if res["figures"]:
+            links = ", ".join(f"[{f.removesuffix('.png')}]({stem}/{f})" for f in res["figures"])
+            lines += ["", f"Figures: {links}"]
+    path = out_dir / "summary.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _list(profile_name: str, folder: str | None) -> None:
+    for path in list_notebooks(folder):
+        print(f"{path.stem}: {notebook_title(path)}")
+        injected = profile_parameters(profile_name, path)
+        for name, default in declared_parameters(path).items():
+            extra = f"   [{profile_name}: {injected[name]!r}]" if name in injected else ""
+            print(f"    {name} = {default!r}{extra}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m msif_lab``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m msif_lab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="execute the notebooks with papermill and write summary.md")
+    run_p.add_argument("--profile", default="default", choices=list(PROFILES), help="parameter set (default: default)")
+    run_p.add_argument("--only", action="append", metavar="NN", help="a notebook number or name; repeatable")
+    run_p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                       help="set a parameter of the selected notebooks (outputs go to outputs/custom/)")
+    run_p.add_argument("--output-profile", help="output folder name under outputs/ (default: the profile, "
+                                                "or 'custom' with -p)")
+    run_p.add_argument("--notebooks", metavar="DIR", help="folder of NN_*.ipynb notebooks (default: notebooks/)")
+    run_p.add_argument("--list", action="store_true", help="list notebooks and their parameters, run nothing")
+    run_p.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    data_p = sub.add_parser("data", help="prepare MNIST and CIFAR-10 in the data folder (offline)")
+    data_p.add_argument("--only", choices=["mnist", "cifar10"], action="append", help="one dataset; repeatable")
+    sub.add_parser("paths", help="print the data, output and cache folders in use")
+    args = parser.parse_args(argv)
+
+    if args.command == "paths":
+        from . import paths
+
+        for name in ("repo_root", "data_dir", "output_root", "cache_dir", "profile_dir"):
+            print(f"{name:12s} {getattr(paths, name)()}")
+        return 0
+    if args.command == "data":
+        from .data import DataNotFoundError, prepare_data
+
+        try:
+            prepare_data(datasets=args.only or ("mnist", "cifar10"))
+        except (DataNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if args.list:
+        _list(args.profile, args.notebooks)
+        return 0
+    try:
+        notebooks = select_notebooks(list_notebooks(args.notebooks), args.only)
+        overrides = {}
+        for name, text in args.parameter:
+            defaults = [declared_parameters(p).get(name) for p in notebooks]
+            overrides[name] = parse_value(text, next((d for d in defaults if d is not None), None))
+        summary = run_course(args.profile, args.only, overrides, output_profile=args.output_profile,
+                             folder=args.notebooks, progress=not args.no_progress)
+    except (UnknownParameterError, NotebookFailed, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"summary: {summary}")
+    return 0

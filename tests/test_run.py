@@ -1,0 +1,136 @@
+"""The papermill runner: parameter checks, a tiny course run, failures, and what nbval collects."""
+import subprocess
+import sys
+
+import pytest
+
+from msif_lab import run as runner
+from msif_lab.results import load_results
+
+from conftest import REPO
+
+SETUP = 'from msif_lab import NotebookRun\nrun = NotebookRun("{name}", params=dict(N=N), seed=0)'
+PARAMS = "N = 3  # a count\nLABEL = 'x'  # a name"
+
+
+@pytest.fixture
+def course(tmp_path, make_notebook):
+    """A throwaway course of two notebooks in tmp_path/notebooks."""
+    folder = tmp_path / "notebooks"
+    make_notebook(folder, "01_first", PARAMS, SETUP.format(name="01_first"),
+                  "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([0, N])\n"
+                  "run.savefig(fig, 'line')",
+                  "run.record('double', 2 * N, paper=6)\nrun.record('label', LABEL)\nrun.save()",
+                  title="First lesson")
+    make_notebook(folder, "02_second", PARAMS, SETUP.format(name="02_second"),
+                  "run.record_many({'triple': 3 * N})\nrun.save()")
+    return folder
+
+
+def test_runner_executes_in_order_and_writes_a_summary(course, isolated_outputs, capsys):
+    summary = runner.run_course("default", folder=course, progress=False)
+    assert summary == isolated_outputs / "default" / "summary.md"
+    out = capsys.readouterr().out
+    assert out.index("01_first") < out.index("02_second")
+    for stem in ("01_first", "02_second"):
+        assert (isolated_outputs / "default" / "notebooks" / f"{stem}.ipynb").is_file()
+    first = load_results(isolated_outputs / "default" / "01_first" / "results.json")
+    assert first["profile"] == "default" and first["results"] == {"double": 6, "label": "x"}
+    assert first["paper_reference"] == {"double": 6} and first["figures"] == ["line.png"]
+    assert (isolated_outputs / "default" / "01_first" / "line.png").stat().st_size > 1000
+    text = summary.read_text()
+    assert "01_first: First lesson" in text and "| double | 6 | 6 |" in text and "| triple | 9 |" in text
+    assert "[line](01_first/line.png)" in text and "| quantity | this run | paper |" in text
+
+
+def test_parameters_from_the_command_line_go_to_the_custom_profile(course, isolated_outputs, capsys):
+    assert runner.main(["run", "--notebooks", str(course), "--only", "01", "-p", "N", "5", "-p", "LABEL", "7",
+                        "--no-progress"]) == 0
+    results = load_results(isolated_outputs / "custom" / "01_first" / "results.json")
+    assert results["params"] == {"N": 5} and results["results"] == {"double": 10, "label": "7"}  # "7" stays text
+    assert not (isolated_outputs / "custom" / "02_second").exists()
+    assert not (isolated_outputs / "default").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "N_TRAIN", "200"], "01_first.ipynb: unknown parameter(s) N_TRAIN. The notebook's parameters cell "
+                               "declares: N, LABEL"),
+    (["-p", "N", "lots"], "parameter N expects a int like its default 3, got 'lots'"),
+    (["--only", "07"], "--only 07: no such notebook"),
+])
+def test_bad_requests_fail_before_anything_runs(course, isolated_outputs, capsys, argv, message):
+    assert runner.main(["run", "--notebooks", str(course), *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not isolated_outputs.exists()  # no kernel was started, nothing written
+
+
+def test_unknown_parameter_in_the_python_wrapper(course, isolated_outputs):
+    with pytest.raises(runner.UnknownParameterError, match="N_TRAIN"):
+        runner.run_notebook(course / "01_first.ipynb", {"N_TRAIN": 200})
+    runner.check_parameters(course / "01_first.ipynb", {"N": 4, "LABEL": "y"})  # fine
+
+
+def test_a_failing_notebook_stops_the_run_with_its_name(course, isolated_outputs, capsys, make_notebook):
+    make_notebook(course, "02_second", PARAMS, SETUP.format(name="02_second"),
+                  "raise ValueError(f'deliberate failure, N={N}')")
+    make_notebook(course, "03_third", PARAMS, SETUP.format(name="03_third"), "run.save()")
+    assert runner.main(["run", "--notebooks", str(course), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "02_second.ipynb failed at In [3] (the cell starting `raise ValueError(f'deliberate" in err
+    assert "ValueError: deliberate failure, N=3" in err
+    assert not (isolated_outputs / "default" / "notebooks" / "03_third.ipynb").exists()  # the run stopped
+    summary = (isolated_outputs / "default" / "summary.md").read_text()
+    assert "| [01_first](#01_first) | First lesson | ok |" in summary
+    assert "FAILED" in summary and "deliberate failure" in summary
+
+
+def test_a_notebook_without_results_json_is_reported(tmp_path, isolated_outputs, make_notebook):
+    path = make_notebook(tmp_path / "nb", "01_silent", PARAMS, "x = N + 1")
+    with pytest.raises(runner.NotebookFailed, match=r"wrote no .*results.json.*NotebookRun\('01_silent'"):
+        runner.run_notebook(path, progress=False)
+
+
+def test_paper_profile_sets_the_device_only_where_declared(tmp_path, make_notebook):
+    with_device = make_notebook(tmp_path, "05_gpu", "DEVICE = 'cpu'  # where to compute")
+    without = make_notebook(tmp_path, "06_cpu", "N = 1  # a count")
+    assert runner.profile_parameters("paper", with_device) == {"DEVICE": runner.CUDA_WHEN_AVAILABLE}
+    assert runner.profile_parameters("paper", without) == {}
+    assert runner.profile_parameters("default", with_device) == {}
+    resolved = runner._resolve_device({"DEVICE": runner.CUDA_WHEN_AVAILABLE})
+    assert resolved["DEVICE"] in {"cpu", "cuda"}
+    with pytest.raises(ValueError, match="unknown profile"):
+        runner.profile_parameters("fast", without)
+
+
+@pytest.mark.parametrize("profile", list(runner.PROFILES))
+def test_every_profile_matches_the_real_notebooks(profile):
+    notebooks = runner.list_notebooks()
+    assert notebooks, "no notebooks/NN_*.ipynb found"
+    for path in notebooks:
+        runner.check_parameters(path, runner.profile_parameters(profile, path))
+
+
+def test_select_and_list(course, capsys):
+    notebooks = runner.list_notebooks(course)
+    assert [p.stem for p in notebooks] == ["01_first", "02_second"]
+    assert runner.select_notebooks(notebooks, ["02"]) == notebooks[1:]
+    assert runner.select_notebooks(notebooks, ["02_second.ipynb", "01_first"]) == notebooks
+    assert runner.main(["run", "--notebooks", str(course), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "01_first: First lesson" in out and "N = 3" in out and "LABEL = 'x'" in out
+
+
+def test_parse_value():
+    assert runner.parse_value("200") == 200 and runner.parse_value("0.5") == 0.5
+    assert runner.parse_value("[0, 1]") == [0, 1] and runner.parse_value("True") is True
+    assert runner.parse_value("cuda") == "cuda" and runner.parse_value("7", default="x") == "7"
+
+
+def test_nbval_collects_exactly_the_course_notebooks():
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "--nbval-lax", "--nbval-current-env", "notebooks"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    collected = {line.split("::")[0] for line in done.stdout.splitlines() if ".ipynb::" in line}
+    expected = {f"notebooks/{p.name}" for p in runner.list_notebooks()}
+    assert collected == expected and expected
