@@ -109,17 +109,28 @@ def notebook_title(path: Path) -> str:
 
 
 def declared_parameters(path: Path) -> dict[str, Any]:
-    """The notebook's parameters and their stored default values, from its ``parameters``-tagged cell."""
+    """The notebook's parameters and their stored default values, from its ``parameters``-tagged cell.
+
+    Names are those ``papermill.inspect_notebook`` reports plus any assignment papermill's line parser misses
+    (it skips lines with a second ``=``, e.g. in a comment; tests/test_notebook_hygiene.py forbids that so
+    that ``papermill --help-notebook`` documents every parameter). Defaults are read with ``ast``; a default
+    that is not a plain literal is given as None (any value accepted).
+    """
+    import nbformat
     import papermill
 
-    declared = papermill.inspect_notebook(str(path))
-    out = {}
-    for name, info in declared.items():
-        try:
-            out[name] = ast.literal_eval(info["default"])
-        except (ValueError, SyntaxError):
-            out[name] = None  # not a literal: any value is accepted
-    return out
+    names = list(papermill.inspect_notebook(str(path)))
+    out: dict[str, Any] = {}
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for stmt in ast.parse(cell.source).body:
+                target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+                if isinstance(target, ast.Name) and getattr(stmt, "value", None) is not None:
+                    try:
+                        out[target.id] = ast.literal_eval(stmt.value)
+                    except ValueError:
+                        out[target.id] = None
+    return {**out, **{name: None for name in names if name not in out}}
 
 
 def parse_value(text: str, default: Any = None) -> Any:

@@ -5,6 +5,7 @@ import re
 import tokenize
 
 import nbformat
+import papermill
 import pytest
 
 from msif_lab.run import declared_parameters, list_notebooks
@@ -51,6 +52,12 @@ def test_one_parameters_cell_of_commented_plain_literals(notebook):
         assert re.fullmatch(r"[A-Z][A-Z0-9_]*", target.id), f"{path.name}: parameter {target.id} is not UPPER_CASE"
         ast.literal_eval(stmt.value)  # raises for anything but a plain literal
         assert stmt.end_lineno in commented, f"{path.name}: parameter {target.id} has no # comment"
+    names = [stmt.targets[0].id if isinstance(stmt, ast.Assign) else stmt.target.id for stmt in tree.body]
+    seen = list(papermill.inspect_notebook(str(path)))
+    assert seen == names, (
+        f"{path.name}: papermill reads the parameters {seen}, the cell assigns {names}. papermill skips a line "
+        "with a second '=' (e.g. in its comment): reword those comments without '=' so that "
+        "`papermill --help-notebook` and the runner see every parameter.")
 
 
 def test_anatomy(notebook):

@@ -134,3 +134,9 @@ def test_nbval_collects_exactly_the_course_notebooks():
     collected = {line.split("::")[0] for line in done.stdout.splitlines() if ".ipynb::" in line}
     expected = {f"notebooks/{p.name}" for p in runner.list_notebooks()}
     assert collected == expected and expected
+
+
+def test_parameters_papermill_cannot_parse_are_still_declared(tmp_path, make_notebook):
+    path = make_notebook(tmp_path, "01_eq", "N = 3  # n = 3 things\nM = [1, 2]  # a list")
+    assert runner.declared_parameters(path) == {"N": 3, "M": [1, 2]}
+    runner.check_parameters(path, {"N": 4})
