@@ -167,7 +167,8 @@ def _batch(lengths, length=L, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(len(lengths), length, dtype=torch.long)
     for i, n in enumerate(lengths):
-        ids[i, :n] = torch.cat([torch.tensor([T.BOS]), torch.randint(4, V, (n - 2,), generator=g), torch.tensor([T.EOS])])
+        words = torch.randint(4, V, (n - 2,), generator=g)
+        ids[i, :n] = torch.cat([torch.tensor([T.BOS]), words, torch.tensor([T.EOS])])
     return ids
 
 
