@@ -326,14 +326,12 @@ def test_test_batch_of_the_wrong_shape():
         inf.scores(Xt, yt[:, None])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug, influence.py check_test_batch: a single test point without its batch dimension (x [5], y 0-d) "
-    "fails with TypeError 'len() of a 0-d tensor' (and x [5], y [1] with 'Test input 0 has 5 rows but there are 1 "
-    "test targets'): the dim/shape check should run before the row-count check, and 0-d targets be refused clearly"))
 def test_single_test_point_without_batch_dimension():
     inf, Xt, yt = _inf()
-    with pytest.raises(ValueError, match="batch dimension"):
+    with pytest.raises(ValueError, match=r"Test targets have shape \(\).*add the batch dimension"):
         inf.scores(Xt[0], yt[0])
+    with pytest.raises(ValueError, match=r"Test input 0 has shape \(5,\).*add the batch dimension"):
+        inf.scores(Xt[0], yt[:1])
 
 
 def test_bad_blocks_params_and_methods():

@@ -47,9 +47,6 @@ def test_logistic_fit_is_tight_and_reports_it():
     assert not loose.converged and "NOT converged" in loose.summary()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug, train.py fit_stage: L-BFGS's tolerance_grad=tol tests max|g_i| <= tol, FitResult.converged tests "
-    "||g||_2 <= tol, so a fit that L-BFGS stopped as converged is reported NOT converged (||g||_2 up to sqrt(p)*tol)"))
 def test_converged_flag_agrees_with_the_optimisers_stopping_rule():
     ts, _, _ = make_two_stage(None)
     fit = pretrain(ts, tol=1e-8, max_iter=5000)
@@ -57,9 +54,6 @@ def test_converged_flag_agrees_with_the_optimisers_stopping_rule():
     assert fit.converged, fit.summary()  # ... so the fit should say it converged
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug, train.py _newton: `if not new_value <= value: break` rejects the last Newton steps when the "
-    "objective is flat to rounding (new_value exceeds value by 1 ulp), leaving ||grad|| ~ 1e-9 instead of 1e-16"))
 def test_newton_polish_reaches_the_rounding_floor():
     ts, _, _ = make_two_stage(None)
     fit = pretrain(ts, **TIGHT)
