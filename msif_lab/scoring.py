@@ -14,19 +14,22 @@ examples, ``batch_size`` examples at a time (memory is bounded by the batch, nev
                the gradient of its loss with respect to the layer's outputs. One forward pass with hooks records a;
                one backward pass of Σ_i loss(z_i) gives every g (examples are independent, so the gradient of the
                sum with respect to example i's activations is example i's own). Then for each layer either
-                 - "outer": form Σ_pos g aᵀ per example ([B, out, in·k·k], convolutions via ``unfold``) and multiply
-                   by the T reshaped test vectors: cost ∝ B·p·(P + T); or
-                 - "direct": run the layer's own operation on a with the T test vectors stacked as output channels,
-                   multiply by g and sum over positions (the dot product ⟨V_t, Σ_pos g aᵀ⟩ = Σ_pos gᵀ V_t a):
+                 - "outer": form Σ_pos g aᵀ per example ([B, out, in·kh·kw]; for a convolution one grouped
+                   weight-gradient kernel with the batch as groups) and multiply by the T reshaped test vectors:
+                   cost ∝ B·p·(P + T); or
+                 - "direct": run the layer's own operation on a with the T test vectors stacked as output
+                   channels, multiply by g and sum over positions (⟨V_t, Σ_pos g aᵀ⟩ = Σ_pos gᵀ V_t a):
                    cost ∝ B·p·P·T,
-               whichever is cheaper (direct when P = 1 or T = 1). Only layers whose parameters are in the block
-               are touched. Needs every block parameter to live in an ``nn.Linear`` or ``nn.Conv2d`` (weight or
-               bias) and per-example losses that do not interact (eval mode; no batch statistics); otherwise it
-               falls back to ``"grad"`` with a warning that says why. Before trusting the hooks it checks itself
-               on the first few examples against ``"grad"`` (catching e.g. a weight also used outside its layer's
-               ``forward``).
-``"auto"``     ``"jvp"`` for at most :data:`JVP_MAX_TESTS` vectors; beyond, ``"factored"`` where it applies, else
-               ``"grad"``. :func:`choose_method` says which and why.
+               whichever is cheaper ("direct" when P = 1 or T = 1). For a single vector it runs in forward mode
+               instead: each hooked layer adds the "direct" term to its output's tangent, so no backward pass is
+               needed. Only layers whose parameters are in the block are touched. It needs every block parameter
+               to be the weight or bias of an ``nn.Linear`` or ``nn.Conv2d`` (groups = 1, zero padding) and
+               per-example losses that do not interact (eval mode, no batch statistics); otherwise it warns why
+               and falls back to ``"grad"``. Before trusting its hooks it checks itself on the first two examples
+               against plain autograd, which catches what the structure cannot show: a weight also used outside
+               its layer's ``forward``, a layer fed a reshaped batch, examples that interact.
+``"auto"``     ``"jvp"`` for one vector; beyond, ``"factored"`` where it applies, else ``"jvp"`` up to
+               :data:`JVP_MAX_TESTS` vectors and ``"grad"`` beyond. :func:`choose_method` says which and why.
 
 A forward-mode JVP costs about 2–3 forward passes, so for one test point it is the natural choice. For many test
 points the floor is the T·p multiply-adds per example of the dot products themselves; for a convolution that is
@@ -34,7 +37,7 @@ far less than its forward pass (which costs P·p per example), for a dense layer
 pass — no method can score T vectors against a dense layer's gradients for less. ``benchmarks/scoring.py`` measures
 all of this. Nothing here keeps state between calls: hooks are removed before returning, even on error.
 
-Taught in notebook 02 (the cost of the scoring pass) and used by :mod:`msif_lab.influence`.
+Used by the scoring pass of every influence score (:mod:`msif_lab.influence`).
 """
 from __future__ import annotations
 
@@ -54,8 +57,12 @@ from .stages import Params, Stage, as_tuple, index_inputs
 
 METHODS = ("auto", "jvp", "grad", "factored")
 
-JVP_MAX_TESTS = 1
-"""``"auto"`` uses forward-mode JVPs up to this many test vectors (measured crossover; ``benchmarks/scoring.py``)."""
+JVP_ALWAYS = 1
+"""``"auto"`` uses a forward-mode JVP for this many test vectors or fewer, whatever the model (measured:
+``benchmarks/scoring.py``; it needs no hooks and no self-check, and costs about as much as ``"factored"``)."""
+
+JVP_MAX_TESTS = 8
+"""Where ``"factored"`` does not apply, ``"auto"`` uses forward-mode JVPs up to this many vectors, ``"grad"`` beyond."""
 
 JVP_CHUNK = 16
 """Test vectors carried by one vectorised JVP pass (memory ∝ batch_size · JVP_CHUNK · activations)."""
@@ -101,24 +108,29 @@ def score_dots(stage: Stage, params: Params, block: Sequence[str], vectors: Tens
     if len(targets) == 0 or len(vectors) == 0:
         return vectors.new_zeros(len(vectors), len(targets))
 
-    if method == "auto":
+    auto = method == "auto"
+    if auto:
         method, _ = choose_method(stage, block, len(vectors))
     if method == "factored":
         try:
             plan = _plan(stage, block, space)
             _verify(stage, params, block, space, plan, inputs, targets)
         except FactoredUnsupported as err:
-            warnings.warn(f"score_dots: the 'factored' method does not apply ({err}); using 'grad' instead.",
+            method = _unfactored_choice(len(vectors)) if auto else "grad"
+            warnings.warn(f"score_dots: the 'factored' method does not apply ({err}); using {method!r} instead.",
                           stacklevel=2)
-            method = "grad"
         else:
-            cols = [_factored_batch(stage, params, plan, vectors, index_inputs(inputs, sl), targets[sl])
-                    for sl in slices]
+            if len(vectors) == 1:
+                cols = [_factored_forward_mode(stage, params, plan, vectors[0], index_inputs(inputs, sl),
+                                               targets[sl])[:, None] for sl in slices]
+            else:
+                cols = [_factored_batch(stage, params, plan, vectors, index_inputs(inputs, sl), targets[sl])
+                        for sl in slices]
             return check_finite(torch.cat(cols, dim=0).T.contiguous(), "A factored per-example dot product")
     if method == "grad":
         cols = [per_example_grads(stage, params, block, index_inputs(inputs, sl), targets[sl]) @ vectors.T
                 for sl in slices]
-        return torch.cat(cols, dim=0).T.contiguous()
+        return check_finite(torch.cat(cols, dim=0).T.contiguous(), "A per-example gradient dot product")
     return _jvp_dots(stage, params, space, vectors, inputs, targets, slices)
 
 
@@ -132,13 +144,25 @@ def factored_support(stage: Stage, block: Sequence[str]) -> tuple[bool, str]:
 
 
 def choose_method(stage: Stage, block: Sequence[str], n_vectors: int) -> tuple[str, str]:
-    """The method ``"auto"`` uses for ``n_vectors`` test vectors, and a sentence saying why."""
-    if n_vectors <= JVP_MAX_TESTS:
-        return "jvp", f"{n_vectors} test vector(s) ≤ {JVP_MAX_TESTS}: one forward-mode JVP each is cheapest"
+    """The method ``"auto"`` uses for ``n_vectors`` test vectors, and a sentence saying why.
+
+    ``"jvp"`` for at most :data:`JVP_ALWAYS` vectors; beyond, ``"factored"`` wherever the block's layers allow it
+    (one forward and one backward pass, then per-layer products), else ``"jvp"`` up to :data:`JVP_MAX_TESTS`
+    vectors and ``"grad"`` beyond. (If the factored self-check then fails, ``"auto"`` warns and uses that
+    jvp/grad rule.)
+    """
+    if n_vectors <= JVP_ALWAYS:
+        return "jvp", f"{n_vectors} test vector(s) ≤ {JVP_ALWAYS}: one forward-mode JVP pass"
     ok, why = factored_support(stage, block)
     if ok:
-        return "factored", f"{n_vectors} test vectors and {why}"
-    return "grad", f"{n_vectors} test vectors, and 'factored' does not apply: {why}"
+        return "factored", f"{why}: one forward and one backward pass, then per-layer outer products"
+    method = _unfactored_choice(n_vectors)
+    size = "≤" if method == "jvp" else ">"
+    return method, f"'factored' does not apply ({why}); {n_vectors} test vectors {size} {JVP_MAX_TESTS}"
+
+
+def _unfactored_choice(n_vectors: int) -> str:
+    return "jvp" if n_vectors <= JVP_MAX_TESTS else "grad"
 
 
 # ----------------------------------------------------------------------------------------------------- jvp
@@ -278,7 +302,7 @@ def _forward_backward(stage: Stage, params: Params, plan: list[_Layer], xs, ys) 
 
 
 def _per_example_weight_grads(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
-    """Σ_pos g aᵀ for every example: [B, out·k] in the weight's flat order (k = in, or in·kh·kw for a convolution)."""
+    """Σ_pos g aᵀ for every example: [B, out·k] in the weight's flat order (k = in, or in·kh·kw for a conv)."""
     mod, B = layer.module, a.shape[0]
     if isinstance(mod, nn.Linear):
         A, G = a.reshape(B, -1, a.shape[-1]), g.reshape(B, -1, g.shape[-1])
@@ -329,6 +353,46 @@ def _factored_batch(stage: Stage, params: Params, plan: list[_Layer], V: Tensor,
             y = F.conv2d(a, Vw.reshape(T * shape[0], *shape[1:]), None, mod.stride, _conv_padding(mod), mod.dilation)
             out += torch.bmm(y.reshape(B, T, -1), g.reshape(B, -1, 1))[:, :, 0]
     return out
+
+
+def _layer_op(layer: _Layer, a: Tensor, V: Tensor, out_shape: torch.Size) -> Tensor:
+    """The layer's own operation on input ``a`` with its block parameters replaced by their parts of ``V`` [p]
+    (parameters outside the block: 0). This is the layer's output tangent along V for a fixed input."""
+    mod = layer.module
+    w = b = None
+    if "weight" in layer.cols:
+        off, shape = layer.cols["weight"]
+        w = V[off:off + shape.numel()].view(shape)
+    if "bias" in layer.cols:
+        off, shape = layer.cols["bias"]
+        b = V[off:off + shape.numel()]
+    if w is None:  # bias only: the same tangent at every position
+        return (b if isinstance(mod, nn.Linear) else b[:, None, None]).expand(out_shape)
+    if isinstance(mod, nn.Linear):
+        return F.linear(a, w, b)
+    return F.conv2d(a, w, b, mod.stride, _conv_padding(mod), mod.dilation)
+
+
+def _factored_forward_mode(stage: Stage, params: Params, plan: list[_Layer], v: Tensor, xs, ys) -> Tensor:
+    """[B] directional derivatives along one vector ``v``: forward-mode AD in which each hooked layer adds its own
+    tangent term, the layer's op on its (primal) input with weight v (no wasted tangent for inputs that have none,
+    unlike dual weights on the first layer)."""
+
+    def hook_for(layer):
+        def hook(mod, args, out):
+            primal, tangent = fwAD.unpack_dual(out)
+            extra = _layer_op(layer, fwAD.unpack_dual(args[0]).primal, v, primal.shape)
+            return fwAD.make_dual(primal, extra if tangent is None else tangent + extra)
+        return hook
+
+    with fwAD.dual_level(), torch.no_grad():
+        handles = [layer.module.register_forward_hook(hook_for(layer)) for layer in plan]
+        try:
+            tangent = fwAD.unpack_dual(stage.losses(params, xs, ys)).tangent
+        finally:
+            for h in handles:
+                h.remove()
+    return v.new_zeros(len(ys)) if tangent is None else tangent
 
 
 def _factored_grads(stage: Stage, params: Params, plan: list[_Layer], size: int, xs, ys) -> Tensor:

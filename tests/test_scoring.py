@@ -10,7 +10,7 @@ from torch import nn
 
 from msif_lab.curvature import ParamSpace, per_example_grads
 from msif_lab.models import MLPEmbedding, SmallCNN, classifier
-from msif_lab.scoring import JVP_MAX_TESTS, choose_method, factored_support, score_dots
+from msif_lab.scoring import JVP_ALWAYS, JVP_MAX_TESTS, choose_method, factored_support, score_dots
 from msif_lab.stages import Stage
 
 DT = torch.float64
@@ -35,22 +35,23 @@ def _vectors(params, block, T, seed=3, dtype=DT):
     return torch.randn(T, ParamSpace(params, block).size, generator=_gen(seed), dtype=dtype)
 
 
-def _assert_all_agree(stage, block=None, Ts=(1, 4), batch_sizes=(None, 7), tol=1e-10, methods=METHODS):
+def _assert_all_agree(stage, block=None, Ts=(1, 4), batch_sizes=(None, 7), tol=1e-10):
     block = stage.trainable_names if block is None else block
     params = stage.initial_params()
     for T in Ts:
         V = _vectors(params, block, T)
         ref = _reference(stage, params, block, V)
         assert ref.shape == (T, stage.n)
-        for method in methods:
-            for bs in batch_sizes:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    got = score_dots(stage, params, block, V, batch_size=bs, method=method)
-                assert not [w for w in caught if "score_dots" in str(w.message)], "a supported model fell back"
-                assert got.shape == ref.shape
-                err = float((got - ref).abs().max() / ref.abs().max())
-                assert err < tol, (method, T, bs, err)
+        combos = [(m, bs) for m in ("jvp", "factored") for bs in batch_sizes]
+        combos += [("grad", batch_sizes[-1]), ("auto", batch_sizes[0])]
+        for method, bs in combos:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = score_dots(stage, params, block, V, batch_size=bs, method=method)
+            assert not [w for w in caught if "score_dots" in str(w.message)], "a supported model fell back"
+            assert got.shape == ref.shape
+            err = float((got - ref).abs().max() / ref.abs().max())
+            assert err < tol, (method, T, bs, err)
 
 
 def _mlp_stage(dtype=DT, n=23):
@@ -176,11 +177,16 @@ def test_float32_cnn_agrees_to_single_precision():
 
 
 # ------------------------------------------------------------------------------------------ choosing and falling back
-def test_auto_chooses_jvp_for_few_vectors_and_factored_for_many():
+def test_auto_chooses_jvp_for_one_vector_then_factored_where_it_applies_else_jvp_then_grad():
     stage = _cnn_stage()
-    assert choose_method(stage, stage.trainable_names, JVP_MAX_TESTS)[0] == "jvp"
-    method, why = choose_method(stage, stage.trainable_names, 50)
-    assert method == "factored" and "nn.Linear" in why
+    assert choose_method(stage, stage.trainable_names, JVP_ALWAYS)[0] == "jvp"
+    for T in (JVP_ALWAYS + 1, 50):
+        method, why = choose_method(stage, stage.trainable_names, T)
+        assert method == "factored" and "nn.Linear" in why
+    unsupported = _small(OwnParameter())
+    assert choose_method(unsupported, unsupported.trainable_names, JVP_MAX_TESTS)[0] == "jvp"
+    method, why = choose_method(unsupported, unsupported.trainable_names, JVP_MAX_TESTS + 1)
+    assert method == "grad" and "'scale'" in why
 
 
 class UsesWeightOutsideForward(nn.Module):
@@ -233,7 +239,6 @@ def test_unsupported_parameter_falls_back_to_grad_with_a_reason():
     block = stage.trainable_names
     ok, why = factored_support(stage, block)
     assert not ok and "'scale'" in why and "OwnParameter" in why
-    assert choose_method(stage, block, 50)[0] == "grad"
     params = stage.initial_params()
     V = _vectors(params, block, 4)
     with pytest.warns(UserWarning, match="'factored' method does not apply.*scale"):
@@ -249,9 +254,13 @@ def test_weight_used_outside_its_layer_is_caught_by_the_check():
     assert factored_support(stage, block)[0]  # the structure looks fine ...
     params = stage.initial_params()
     V = _vectors(params, block, 4)
-    with pytest.warns(UserWarning, match="used outside its layer's forward"):  # ... but the check sees through it
+    ref = _reference(stage, params, block, V)
+    with pytest.warns(UserWarning, match="used outside its layer's forward.*using 'grad'"):  # the check sees it
         got = score_dots(stage, params, block, V, method="factored")
-    assert torch.allclose(got, _reference(stage, params, block, V), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-14)
+    with pytest.warns(UserWarning, match="using 'jvp'"):  # auto falls back by the number of vectors
+        got = score_dots(stage, params, block, V[:2], method="auto")
+    assert torch.allclose(got, ref[:2], rtol=1e-12, atol=1e-14)
 
 
 def test_interacting_examples_are_caught_by_the_check():
@@ -313,6 +322,6 @@ def test_non_finite_scores_are_refused():
     params, block = stage.initial_params(), stage.trainable_names
     V = _vectors(params, block, 3)
     V[1, 0] = float("inf")
-    for method in ("jvp", "factored"):
+    for method in ("jvp", "factored", "grad"):
         with pytest.raises(FloatingPointError, match="not finite"):
             score_dots(stage, params, block, V[1:2] if method == "jvp" else V, method=method)
