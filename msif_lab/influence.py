@@ -67,16 +67,17 @@ def check_test_batch(stage: Stage, inputs, targets: Tensor) -> tuple[tuple[Tenso
     if len(inputs) != len(stage.inputs):
         raise ValueError(f"The test batch has {len(inputs)} input tensor(s); the stage's model takes "
                          f"{len(stage.inputs)}. Fix: pass inputs in the same structure as the training inputs.")
-    for k, (t, ref) in enumerate(zip(inputs, stage.inputs)):
-        if len(t) != len(targets):
-            raise ValueError(f"Test input {k} has {len(t)} rows but there are {len(targets)} test targets.")
-        if t.dim() != ref.dim() or (t.dim() > 1 and t.dtype.is_floating_point and t.shape[1:] != ref.shape[1:]):
-            raise ValueError(f"Test input {k} has shape {tuple(t.shape)}, the training inputs {tuple(ref.shape)}: "
-                             "expected [T, *example shape]. Fix: add the batch dimension (x.unsqueeze(0)) or "
-                             "preprocess the test data like the training data.")
     if targets.dim() != stage.targets.dim():
         raise ValueError(f"Test targets have shape {tuple(targets.shape)}, training targets "
-                         f"{tuple(stage.targets.shape)}: expected one target per test point.")
+                         f"{tuple(stage.targets.shape)}: expected one target per test point, [T, ...]. Fix: add the "
+                         "batch dimension (y.unsqueeze(0) or y[i:i+1]).")
+    for k, (t, ref) in enumerate(zip(inputs, stage.inputs)):
+        if t.dim() != ref.dim() or (t.dim() > 1 and t.dtype.is_floating_point and t.shape[1:] != ref.shape[1:]):
+            raise ValueError(f"Test input {k} has shape {tuple(t.shape)}, the training inputs {tuple(ref.shape)}: "
+                             "expected [T, *example shape]. Fix: add the batch dimension (x.unsqueeze(0) or "
+                             "x[i:i+1]) or preprocess the test data like the training data.")
+        if len(t) != len(targets):
+            raise ValueError(f"Test input {k} has {len(t)} rows but there are {len(targets)} test targets.")
     return inputs, targets
 
 

@@ -20,6 +20,7 @@ Taught in notebook 03 (section "Describing the two stages").
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -101,8 +102,8 @@ class Stage:
                     f"Stage inputs have {len(t)} rows but targets have {n}: every input tensor and the "
                     "targets must share the leading (example) dimension."
                 )
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be ≥ 0 and finite, got {self.weight_decay}.")
         self.embedding_names = _resolve(self.model, self.embedding, "embedding")
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if self.head is None:
@@ -193,8 +194,9 @@ class TwoStage:
     w_pairs: list[tuple[str, str]] = field(init=False)
 
     def __post_init__(self):
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 for case B (or None for case A), got {self.alpha}.")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be > 0 for case B (a finite number; None for case A), got {self.alpha}; "
+                             "for the α → ∞ limit use case A (alpha=None).")
         pre, ft = self.pretrain.embedding_names, self.finetune.embedding_names
         if len(pre) != len(ft):
             raise ValueError(

@@ -69,7 +69,8 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
     theta, steps = _newton(obj, theta, newton_steps, tol)  # a warm start near a minimum converges here
     iterations += steps
     x = theta.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, history_size=50, tolerance_grad=tol,
+    # L-BFGS tests max|g_k| ≤ tolerance_grad; dividing by √p makes its stop imply ||g||₂ ≤ tol, our criterion
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, history_size=50, tolerance_grad=tol / len(theta) ** 0.5,
                             tolerance_change=0.0, line_search_fn="strong_wolfe")
 
     def closure():
@@ -98,7 +99,8 @@ def _newton(obj: StageObjective, theta: Tensor, steps: int, tol: float) -> tuple
             break
         candidate = theta - torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
         new_value, new_g = obj.value_and_grad(candidate)
-        if not new_value <= value:
+        slack = 8 * torch.finfo(theta.dtype).eps * abs(float(value))  # flat to rounding near the optimum
+        if not (new_value <= value or (new_value <= value + slack and new_g.norm() < g.norm())):
             break
         theta, value, g, done = candidate, new_value, new_g, done + 1
     return theta, done
