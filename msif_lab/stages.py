@@ -20,6 +20,7 @@ Taught in notebook 03 (section "Describing the two stages").
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -169,6 +170,19 @@ class Stage:
         for start in range(0, self.n, bs):
             sl = slice(start, min(start + bs, self.n))
             yield sl, index_inputs(self.inputs, sl), self.targets[sl]
+
+    def fingerprint(self) -> dict:
+        """What determines this stage's losses besides the trainable parameters and the data: the architecture,
+        frozen parameters and buffers, the loss function's identity and code, the W/head split and weight decay.
+        Used in cache keys (e.g. the validation re-runs); a loss that reads global state is not captured."""
+        code = getattr(self.loss_fn, "__code__", None)
+        loss_code = (hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest() if code is not None
+                     else repr(self.loss_fn))
+        name = getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__qualname__)
+        return {"model": repr(self._module),
+                "state": {n: t for n, t in self._module.state_dict().items() if n not in self.trainable_names},
+                "loss": f"{getattr(self.loss_fn, '__module__', '')}.{name}", "loss_code": loss_code,
+                "embedding": self.embedding_names, "head": self.head_names, "weight_decay": self.weight_decay}
 
     def _check_loss(self):
         k = min(2, self.n)

@@ -127,10 +127,10 @@ def validate_removals(two_stage: TwoStage, pretrained: Params, finetuned: Params
         if not cache:
             return compute()
         key = {"what": "rerun", "removed": i, "alpha": two_stage.alpha, "pretrained": pretrained,
-               "finetuned": finetuned, "pre_inputs": two_stage.pretrain.inputs, "pre_targets": two_stage.pretrain.targets,
-               "pre_wd": two_stage.pretrain.weight_decay, "ft_inputs": two_stage.finetune.inputs,
-               "ft_targets": two_stage.finetune.targets, "ft_wd": two_stage.finetune.weight_decay,
-               "test_inputs": test_inputs, "test_targets": test_targets,
+               "finetuned": finetuned, "pre_stage": two_stage.pretrain.fingerprint(),
+               "pre_inputs": two_stage.pretrain.inputs, "pre_targets": two_stage.pretrain.targets,
+               "ft_stage": two_stage.finetune.fingerprint(), "ft_inputs": two_stage.finetune.inputs,
+               "ft_targets": two_stage.finetune.targets, "test_inputs": test_inputs, "test_targets": test_targets,
                "pretrain_kwargs": pretrain_kwargs or {}, "finetune_kwargs": finetune_kwargs or {}}
         return cached(key, compute, name="rerun")
 

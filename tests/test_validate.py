@@ -101,10 +101,6 @@ def test_validate_removals_rejects_bad_predictions(cache_dir):
         validate_removals(ts, pre.params, ft.params, Xt, yt, res.predicted_change[:, :39], removed, progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug, validate.py validate_removals: the re-run cache key holds the trained parameters and the data but "
-    "not the models (frozen parameters, buffers, architecture) nor the loss functions, so another problem with "
-    "equal parameters and data silently gets this one's cached re-runs"))
 def test_rerun_cache_is_keyed_on_the_loss_function(cache_dir):
     """Two problems that differ only in their loss must not share cached re-runs."""
     ts, pre, ft, Xt, yt, res, _ = _validation_inputs(None)
