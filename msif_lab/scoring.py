@@ -256,7 +256,7 @@ def _plan(stage: Stage, block: list[str], space: ParamSpace | None) -> list[_Lay
             if attr not in ("weight", "bias") or not _plain_forward(owner):
                 kind = type(owner).__name__
                 raise FactoredUnsupported(
-                    f"block parameter {alias!r} belongs to a {kind}, not to a plain nn.Linear or nn.Conv2d "
+                    f"block parameter {alias!r} belongs to a module of type {kind}, not to a plain nn.Linear or nn.Conv2d "
                     "(groups=1, zero padding)")
             layer = layers.setdefault(id(owner), _Layer(owner, path or "<model>"))
             layer.cols[attr] = offsets.get(name, (0, named[name].shape))
