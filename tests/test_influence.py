@@ -200,21 +200,21 @@ def test_iterative_solvers_agree_with_dense_inside_the_pipeline():
     ts, pre, ft, Xt, yt = trained(1.0)
     lam = 0.3
     ref = MultiStageInfluence(ts, pre.params, ft.params, pretrain_solver=Solver("dense", lam),
-                              finetune_solver=Solver("dense", 0.0)).scores(Xt[:2], yt[:2]).scores
+                              finetune_solver=Solver("dense", 0.0)).scores(Xt[:1], yt[:1]).scores
     cg = MultiStageInfluence(ts, pre.params, ft.params, pretrain_solver=Solver("cg", lam, dict(tol=1e-12)),
-                             finetune_solver=Solver("cg", 0.0, dict(tol=1e-12))).scores(Xt[:2], yt[:2]).scores
+                             finetune_solver=Solver("cg", 0.0, dict(tol=1e-12))).scores(Xt[:1], yt[:1]).scores
     lissa = MultiStageInfluence(ts, pre.params, ft.params,
                                 pretrain_solver=Solver("lissa", lam, dict(depth=90, scale=1.4)),
                                 finetune_solver=Solver("cg", 0.0, dict(tol=1e-12))).scores(Xt[:1], yt[:1]).scores
     assert rel_err(cg, ref) < 1e-8
-    assert rel_err(lissa, ref[:1]) < 1e-6
+    assert rel_err(lissa, ref) < 1e-6
 
 
 @pytest.mark.parametrize("alpha", [None, 1.0])
 def test_scoring_methods_and_batch_size_do_not_change_results(alpha):
     ts, pre, ft, Xt, yt = trained(alpha)
     ref = MultiStageInfluence(ts, pre.params, ft.params, scoring="jvp").scores(Xt, yt).scores
-    for kw in [dict(scoring="grad"), dict(scoring="auto"), dict(batch_size=7), dict(batch_size=1, scoring="grad")]:
+    for kw in [dict(scoring="grad"), dict(scoring="auto"), dict(batch_size=7), dict(batch_size=3, scoring="grad")]:
         got = MultiStageInfluence(ts, pre.params, ft.params, **kw).scores(Xt, yt).scores
         assert torch.allclose(got, ref, rtol=1e-10, atol=1e-13), kw
 

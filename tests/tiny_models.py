@@ -19,6 +19,10 @@ from msif_lab.stages import Stage, TwoStage
 from msif_lab.curvature import StageObjective
 from msif_lab.train import finetune, pretrain
 
+# These problems have p ≤ 60 parameters: intra-op threads only add overhead, and on a shared, loaded CPU their
+# spin-waiting made this suite ~8x slower (measured: 69 s with one thread vs > 580 s with two, load 12 on 2 cores).
+torch.set_num_threads(1)
+
 DT = torch.float64
 TIGHT = dict(tol=1e-11, max_iter=2000, newton_steps=5)
 """Fit settings that reach ||grad|| ~ 1e-15 on the tiny problems (L-BFGS, then Newton polish)."""
