@@ -279,6 +279,31 @@ def test_frozen_layer_inside_the_embedding():
     assert not pre_m.embed.net[1].weight.requires_grad
 
 
+def test_models_with_several_inputs():
+    """forward(x, z): a tuple of input tensors flows through every pass (training, HVPs, scoring, re-runs)."""
+    class TwoInputs(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.embed = nn.Linear(5, 3)
+            self.head = nn.Linear(4, k)
+
+        def forward(self, x, z):
+            return self.head(torch.cat([torch.tanh(self.embed(x)), z], dim=1))
+
+    torch.manual_seed(0)
+    Z, yz, X, yx, Xt, yt = data()
+    g = torch.Generator().manual_seed(5)
+    zz, xz, tz = (torch.randn(k, 1, generator=g, dtype=DT) for k in (len(Z), len(X), len(Xt)))
+    ts = TwoStage(Stage(TwoInputs(3).to(DT), ce, (Z, zz), yz, weight_decay=1e-2),
+                  Stage(TwoInputs(2).to(DT), ce, (X, xz), yx, weight_decay=1e-2), alpha=1.0)
+    pre = tight_pretrain(ts)
+    ft = tight_finetune(ts, pre.params)
+    a = MultiStageInfluence(ts, pre.params, ft.params, scoring="jvp").scores((Xt, tz), yt).scores
+    b = MultiStageInfluence(ts, pre.params, ft.params, scoring="grad", batch_size=7).scores((Xt, tz), yt).scores
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert rel_err(a[:, 2], fd_influence(ts, pre, ft, (Xt, tz), yt, 2)) < 1e-3
+
+
 def test_batchnorm_embedding_scores_do_not_depend_on_batching():
     torch.manual_seed(0)
 
@@ -332,6 +357,16 @@ def test_single_test_point_without_batch_dimension():
         inf.scores(Xt[0], yt[0])
     with pytest.raises(ValueError, match=r"Test input 0 has shape \(5,\).*add the batch dimension"):
         inf.scores(Xt[0], yt[:1])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug, influence.py check_test_batch: test inputs of another floating dtype than the model (float32 test "
+    "points, float64 model) reach the model and fail with torch's 'mat1 and mat2 must have the same dtype'; "
+    "check t.dtype against the training inputs' dtype and say 'Fix: x.to(torch.float64)'"))
+def test_test_batch_of_the_wrong_dtype():
+    inf, Xt, yt = _inf()
+    with pytest.raises(ValueError, match="dtype"):
+        inf.scores(Xt.float(), yt)
 
 
 def test_bad_blocks_params_and_methods():

@@ -155,7 +155,7 @@ def rerun_test_loss(ts, pre, ft, Xt, yt, weights):
     p2 = tight_pretrain(ts, pre.params, weights)
     f2 = tight_finetune(ts, p2.params, ft.params)
     with torch.no_grad():
-        return ts.finetune.losses(f2.params, (Xt,), yt)
+        return ts.finetune.losses(f2.params, Xt if isinstance(Xt, tuple) else (Xt,), yt)
 
 
 def fd_influence(ts, pre, ft, Xt, yt, i: int, eps: float = 1e-4):
