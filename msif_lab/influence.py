@@ -23,15 +23,11 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
 
-from .curvature import ParamSpace, StageObjective, check_finite, mixed_product, per_example_grads
+from .curvature import ParamSpace, StageObjective, mixed_product, per_example_grads
+from .scoring import score_dots
 from .solvers import DenseFactor, SolveInfo, Solver
-from .stages import Params, Stage, TwoStage, as_tuple, index_inputs
-
-JVP_MAX_TESTS = 8
-"""``scoring="auto"`` uses forward-mode JVPs up to this many test points, per-example gradients beyond."""
-
+from .stages import Params, Stage, TwoStage, as_tuple
 
 @dataclass
 class InfluenceResult:
@@ -83,41 +79,11 @@ def check_test_batch(stage: Stage, inputs, targets: Tensor) -> tuple[tuple[Tenso
 
 def score_examples(stage: Stage, params: Params, block: Sequence[str], vectors: Tensor, *, inputs=None,
                    targets: Tensor | None = None, batch_size: int | None = None, method: str = "auto") -> Tensor:
-    """D[t, i] = vectors[t] · ∇_block loss(example_i): [T, N] for vectors [T, p].
-
-    Examples default to the stage's training set. ``method``: ``"jvp"`` (forward-mode directional derivatives,
-    about one forward pass per test vector), ``"grad"`` (vectorised per-example gradients [B, p] times Vᵀ), or
-    ``"auto"`` (JVP for at most :data:`JVP_MAX_TESTS` vectors). Memory is bounded by ``batch_size`` examples.
-    """
-    space = ParamSpace(params, block)
-    if vectors.dim() != 2 or vectors.shape[1] != space.size:
-        raise ValueError(f"vectors must be [T, {space.size}], got {tuple(vectors.shape)}.")
-    inputs = stage.inputs if inputs is None else as_tuple(inputs)
-    targets = stage.targets if targets is None else targets
-    if method == "auto":
-        method = "jvp" if len(vectors) <= JVP_MAX_TESTS else "grad"
-    if method == "grad":
-        out = [per_example_grads(stage, params, block, index_inputs(inputs, sl), targets[sl]) @ vectors.T
-               for sl in _slices(len(targets), batch_size)]
-        return torch.cat(out, dim=0).T.contiguous()
-    if method != "jvp":
-        raise ValueError(f"Unknown scoring method {method!r}; choose 'auto', 'jvp' or 'grad'.")
-    fixed = {n: p.detach() for n, p in params.items() if n not in space.names}
-    theta = space.flatten({n: params[n].detach() for n in space.names})
-    cols = []
-    for sl in _slices(len(targets), batch_size):
-        xs, ys = index_inputs(inputs, sl), targets[sl]
-
-        def losses(th):
-            return stage.losses({**fixed, **space.unflatten(th)}, xs, ys)
-
-        cols.append(vmap(lambda v: jvp(losses, (theta,), (v,))[1])(vectors))
-    return check_finite(torch.cat(cols, dim=1), "A directional derivative of the per-example losses")
-
-
-def _slices(n: int, batch_size: int | None):
-    bs = n if batch_size is None else int(batch_size)
-    return [slice(s, min(s + bs, n)) for s in range(0, n, bs)]
+    """D[t, i] = vectors[t] · ∇_block loss(example_i): [T, N] for vectors [T, p], examples defaulting to the stage's
+    training set. ``method``: ``"auto"``, ``"jvp"``, ``"grad"`` or ``"factored"`` (see
+    :func:`msif_lab.scoring.score_dots`). Memory is bounded by ``batch_size`` examples."""
+    return score_dots(stage, params, block, vectors, inputs=inputs, targets=targets, batch_size=batch_size,
+                      method=method)
 
 
 def _result(scores: Tensor, m: int, test_loss: Tensor, diagnostics: dict) -> InfluenceResult:
@@ -159,7 +125,7 @@ class MultiStageInfluence:
             ablation of notebook 03; not the method).
         pretrain_block: restrict the pretraining parameters P to these names (others held fixed; the score then
             uses that block of H_f). Default: all of (W, U).
-        scoring: "auto", "jvp" or "grad" (see :func:`score_examples`).
+        scoring: "auto", "jvp", "grad" or "factored" (see :func:`msif_lab.scoring.score_dots`).
 
     Dense factorisations are cached per instance; results do not depend on call order.
     Taught in notebooks 03 (case A) and 04 (case B).

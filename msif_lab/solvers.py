@@ -212,7 +212,9 @@ def lissa_solve(hvp: HVP, v: Tensor, damping: float = 0.0, *, scale: float | Non
         depth: recursion depth J per repeat (the series converges like (1 − λ_min/s)^J).
         repeats: independent runs averaged.
         sample_hvp: ``(x, generator) -> H_batch·x`` on a random mini-batch (stochastic LiSSA); default exact ``hvp``.
-        tol: stop a repeat early when ||x_j − x_{j−1}|| ≤ tol·||x_j|| (0: run all J steps).
+        tol: stop a repeat early when ||x_j − x_{j−1}|| ≤ tol·||x_j|| (0: run all J steps). ``info.converged`` is
+            False when some repeat reached the depth J before meeting ``tol > 0``; with ``tol = 0`` it only means
+            "no divergence" (judge the answer by ``info.residual``).
 
     Raises :class:`SolverDivergedError` if an iterate is non-finite or exceeds 10·(j+1)·||v||, the largest a
     convergent series can reach (each term has norm ≤ ||v|| when 0 ≤ eig((H+λI)/s) ≤ 2).
@@ -254,6 +256,7 @@ def lissa_solve(hvp: HVP, v: Tensor, damping: float = 0.0, *, scale: float | Non
                 info.iterations = max(info.iterations, j)
                 if done:
                     break
+            info.converged &= tol == 0 or done
             acc = acc + x / scale
         X[k] = acc / repeats
     info.residual, calls = _relative_residual(hvp, damping, X, V)
