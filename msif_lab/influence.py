@@ -72,6 +72,9 @@ def check_test_batch(stage: Stage, inputs, targets: Tensor) -> tuple[tuple[Tenso
             raise ValueError(f"Test input {k} has shape {tuple(t.shape)}, the training inputs {tuple(ref.shape)}: "
                              "expected [T, *example shape]. Fix: add the batch dimension (x.unsqueeze(0) or "
                              "x[i:i+1]) or preprocess the test data like the training data.")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"Test input {k} has dtype {t.dtype}, the training inputs {ref.dtype}. "
+                             f"Fix: convert it, x.to({ref.dtype}).")
         if len(t) != len(targets):
             raise ValueError(f"Test input {k} has {len(t)} rows but there are {len(targets)} test targets.")
     return inputs, targets

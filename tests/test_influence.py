@@ -359,10 +359,6 @@ def test_single_test_point_without_batch_dimension():
         inf.scores(Xt[0], yt[:1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug, influence.py check_test_batch: test inputs of another floating dtype than the model (float32 test "
-    "points, float64 model) reach the model and fail with torch's 'mat1 and mat2 must have the same dtype'; "
-    "check t.dtype against the training inputs' dtype and say 'Fix: x.to(torch.float64)'"))
 def test_test_batch_of_the_wrong_dtype():
     inf, Xt, yt = _inf()
     with pytest.raises(ValueError, match="dtype"):
