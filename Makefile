@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 DATA_DIR := $(or $(MSIF_DATA_DIR),data)
 SETUP_STAMP := $(VENV)/.msif-setup-stamp
 DATA_STAMP := $(DATA_DIR)/.msif-prepared
-TEST_ENV := TQDM_DISABLE=1 MPLBACKEND=Agg
+TEST_ENV := TQDM_DISABLE=1 MPLBACKEND=Agg MSIF_PROFILE=test
 
 .PHONY: setup data run test clean
 

@@ -144,7 +144,9 @@ def alpha_sweep(two_stage: TwoStage, pretrained: Params, start_alpha: float, sta
 
     Returns one row per α, in increasing α: ``alpha``, ``rel_diff_to_A`` (‖I_B − I_A‖/‖I_A‖), ``norm_ratio``
     (‖I_B‖/‖I_A‖), ``w_shift`` (‖W~ − W*‖), the fit's ``grad_norm`` and ``converged``, the finetuning iHVP's
-    ``solve`` (:class:`SolveInfo`: look at its negative eigenvalues), and the test points' ``scores`` [T, m].
+    ``solve`` (:class:`SolveInfo`: look at its negative eigenvalues), ``diagnostics`` (both solves), the
+    ``fit`` (:class:`FitResult`, its ``params`` are (W~, Θ~)) and the test points' ``scores`` [T, m].
+    ``start_alpha=float("inf")`` with case A's finetuned parameters starts the continuation at case A.
     Taught in notebook 04 (section "The α sweep").
     """
     from tqdm.auto import tqdm
@@ -186,6 +188,8 @@ def alpha_sweep(two_stage: TwoStage, pretrained: Params, start_alpha: float, sta
             "grad_norm": ft.grad_norm,
             "converged": ft.converged,
             "solve": res.diagnostics["finetune"],
+            "diagnostics": res.diagnostics,
+            "fit": ft,
             "scores": res.scores,
         })
     return sorted(rows, key=lambda r: r["alpha"])
