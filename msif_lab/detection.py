@@ -35,6 +35,7 @@ from .experiments import DTYPES, cross_entropy
 from .models import MLPEmbedding, classifier
 from .stages import Params, Stage, TwoStage
 from .train import FitResult, finetune, pretrain
+from .validate import retrain_without
 
 
 # ------------------------------------------------------------------------------------------------ detection metrics
@@ -258,29 +259,14 @@ def remove_and_rerun(two_stage: TwoStage, pretrained: Params, finetuned: Params,
     """Give the pretraining examples ``removed`` weight 0, re-run pretraining and finetuning warm-started from
     ``pretrained`` / ``finetuned``, and evaluate the finetuned model on the test points.
 
-    An empty ``removed`` is the noise-floor re-run (nothing removed). Cached by content (the trained parameters,
-    data, removed set and fit settings). Taught in notebook 08.
+    An empty ``removed`` is the noise-floor re-run (nothing removed). The re-run is
+    :func:`msif_lab.validate.retrain_without` (cached by content). Taught in notebook 08.
     """
     removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1).sort().values
-    fit_kwargs = dict(fit_kwargs or {})
-
-    def compute():
-        w = torch.ones(two_stage.pretrain.n, dtype=next(iter(pretrained.values())).dtype,
-                       device=two_stage.pretrain.targets.device)
-        w[removed.to(w.device)] = 0.0
-        pre = pretrain(two_stage, pretrained, sample_weights=w, **fit_kwargs)
-        ft = finetune(two_stage, pre.params, finetuned, **fit_kwargs)
-        with torch.no_grad():
-            out = two_stage.finetune.outputs(ft.params, test_x)
-            loss = float(two_stage.finetune.loss_fn(out, test_y).mean())
-            acc = float((out.argmax(1) == test_y).double().mean())
-        return Removal(removed, loss, acc, max(pre.grad_norm, ft.grad_norm))
-
-    if not cache:
-        return compute()
-    key = {"what": "removal", "removed": removed, "alpha": two_stage.alpha, "pretrained": pretrained,
-           "finetuned": finetuned, "pre_inputs": two_stage.pretrain.inputs, "pre_targets": two_stage.pretrain.targets,
-           "pre_wd": two_stage.pretrain.weight_decay, "ft_inputs": two_stage.finetune.inputs,
-           "ft_targets": two_stage.finetune.targets, "ft_wd": two_stage.finetune.weight_decay,
-           "test_x": test_x, "test_y": test_y, "fit_kwargs": fit_kwargs}
-    return cached(key, compute, name="removal")
+    pre, ft = retrain_without(two_stage, pretrained, finetuned, removed, pretrain_kwargs=fit_kwargs,
+                              finetune_kwargs=fit_kwargs, cache=cache)
+    with torch.no_grad():
+        out = two_stage.finetune.outputs(ft.params, test_x)
+        loss = float(two_stage.finetune.loss_fn(out, test_y).mean())
+        acc = float((out.argmax(1) == test_y).double().mean())
+    return Removal(removed, loss, acc, max(pre.grad_norm, ft.grad_norm))

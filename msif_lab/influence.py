@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .cache import config_key
 from .curvature import ParamSpace, StageObjective, mixed_product, per_example_grads
 from .scoring import score_dots
 from .solvers import DenseFactor, SolveInfo, Solver
@@ -161,6 +162,27 @@ class MultiStageInfluence:
             self._ft_obj = StageObjective(ft, self.finetuned, ft.trainable_names, batch_size=batch_size,
                                           proximal=(two_stage.alpha, w_star))
         self._factors: dict[str, DenseFactor] = {}
+
+    def share_pretrain_factor(self, other: "MultiStageInfluence") -> "MultiStageInfluence":
+        """Reuse ``other``'s dense factorisation of H_f (eigendecomposition, computed by its first dense solve).
+
+        H_f depends only on the pretraining stage, its optimum (W*, U*) and the block, never on the finetuning
+        side, the case or α: the influence for case A and B, or for several α, can share one factorisation.
+        Raises ``ValueError`` when the two describe different pretraining Hessians. Returns ``self``.
+        Taught in notebook 05 (both cases on one H_f) and used by :func:`msif_lab.reporting.alpha_sweep`.
+        """
+        if self._pretrain_hessian_key() != other._pretrain_hessian_key():
+            raise ValueError("share_pretrain_factor: the two influences have different pretraining Hessians "
+                             "(another pretraining stage, optimum, data or pretrain_block). Fix: share only between "
+                             "influences built on the same pretraining fit.")
+        if "pretrain" in other._factors:
+            self._factors["pretrain"] = other._factors["pretrain"]
+        return self
+
+    def _pretrain_hessian_key(self) -> str:
+        pre = self.two_stage.pretrain
+        return config_key({"stage": pre.fingerprint(), "inputs": list(pre.inputs), "targets": pre.targets,
+                           "pretrained": self.pretrained, "block": self.pre_block})
 
     @property
     def m(self) -> int:

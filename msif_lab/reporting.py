@@ -117,7 +117,7 @@ def two_paths(two_stage: TwoStage, pretrained: Params, finetuned: Params, test_x
     u, _, _ = full.finetune_side(test_x, test_y)
     u_feat, _, _ = feats.finetune_side(test_x, test_y)
     res = full.scores(test_x, test_y)
-    feats._factors.update(full._factors)  # the same H_f: factorise it once (dense solver only)
+    feats.share_pretrain_factor(full)  # the same H_f: factorise it once (dense solver only)
     res_feat = feats.scores(test_x, test_y)
     return TwoPaths(u_feat, u - u_feat, res_feat.scores, res.scores - res_feat.scores, res.scores,
                     res.predicted_change, res_feat.predicted_change, res.diagnostics)
@@ -159,7 +159,7 @@ def alpha_sweep(two_stage: TwoStage, pretrained: Params, start_alpha: float, sta
     up = sorted(a for a in map(float, alphas) if a >= start_alpha)
     down = sorted((a for a in map(float, alphas) if a < start_alpha), reverse=True)
     order = [(a, k == 0) for k, a in enumerate(up)] + [(a, k == 0) for k, a in enumerate(down)]
-    init, factors, rows = start, {}, []
+    init, previous, rows = start, None, []
     for alpha, restart in tqdm(order, desc="α sweep", disable=not progress):
         if restart:
             init = start
@@ -176,9 +176,10 @@ def alpha_sweep(two_stage: TwoStage, pretrained: Params, start_alpha: float, sta
         init = ft.params
         inf = MultiStageInfluence(ts, pretrained, ft.params, pretrain_solver=pretrain_solver,
                                   finetune_solver=finetune_solver)
-        inf._factors.update(factors)  # H_f does not depend on α: factorise it once
+        if previous is not None:
+            inf.share_pretrain_factor(previous)  # H_f does not depend on α: factorise it once
         res = inf.scores(test_x, test_y)
-        factors = {k: v for k, v in inf._factors.items() if k == "pretrain"}
+        previous = inf
         shift = torch.sqrt(sum(((ft.params[n] - w) ** 2).sum() for n, w in w_star.items()))
         rows.append({
             "alpha": alpha,

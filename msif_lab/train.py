@@ -44,7 +44,7 @@ class FitResult:
 def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: tuple[float, Params] | None = None,
               sample_weights: Tensor | None = None, tol: float = 1e-8, max_iter: int = 500,
               batch_size: int | None = None, adam_epochs: int = 0, adam_lr: float = 1e-2,
-              newton_steps: int = 0, seed: int = 0) -> FitResult:
+              newton_steps: int = 0, hessian_factor: Tensor | None = None, seed: int = 0) -> FitResult:
     """Minimise the stage objective over the parameters ``trained``, the others held at ``init``.
 
     Args:
@@ -59,6 +59,11 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
         newton_steps: at most this many Newton steps on the dense Hessian (small models only), taken before L-BFGS
             (a warm start near the optimum, as in validation re-runs, then needs no L-BFGS at all) and after it; a
             step is taken only while the Hessian is positive definite and the objective decreases.
+        hessian_factor: lower Cholesky factor L of a *reference* Hessian of this objective over ``trained`` (e.g.
+            at the original optimum, for re-runs after a small change of the data; see
+            :func:`hessian_factor`). Chord steps θ ← θ − (LLᵀ)⁻¹∇ are taken first, one gradient each, while the
+            gradient norm at least halves per step: a warm-started re-run then converges without forming a new
+            Hessian. The optimum and its tolerance are the same as without it; only the cost changes.
     """
     start = time.perf_counter()
     obj = StageObjective(stage, init, trained, proximal=proximal, sample_weights=sample_weights, batch_size=batch_size)
@@ -66,6 +71,9 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
     iterations = 0
     if adam_epochs:
         theta, iterations = _adam(obj, theta, adam_epochs, adam_lr, batch_size or 128, seed)
+    if hessian_factor is not None:
+        theta, steps = _chord(obj, theta, hessian_factor, tol)
+        iterations += steps
     theta, steps = _newton(obj, theta, newton_steps, tol)  # a warm start near a minimum converges here
     iterations += steps
     x = theta.clone().requires_grad_(True)
@@ -87,6 +95,30 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
     params = {n: params[n].detach() for n in init}
     gn = float(g.norm())
     return FitResult(params, float(value), gn, iterations, time.perf_counter() - start, gn <= tol)
+
+
+def hessian_factor(stage: Stage, params: Params, trained: Sequence[str], *,
+                   proximal: tuple[float, Params] | None = None) -> Tensor | None:
+    """Lower Cholesky factor [p, p] of the stage objective's dense Hessian over ``trained`` at ``params`` (with the
+    proximal term when given), or None when that Hessian is not positive definite. For ``fit_stage``'s
+    ``hessian_factor``; used by the validation re-runs (:func:`msif_lab.validate.retrain_without`)."""
+    L, info = torch.linalg.cholesky_ex(StageObjective(stage, params, trained, proximal=proximal).hessian())
+    return L if info == 0 else None
+
+
+def _chord(obj: StageObjective, theta: Tensor, L: Tensor, tol: float, max_steps: int = 100) -> tuple[Tensor, int]:
+    """Newton-like steps with a fixed factorised Hessian while the gradient norm at least halves (and the objective
+    does not rise beyond rounding)."""
+    done = 0
+    value, g = obj.value_and_grad(theta)
+    while done < max_steps and g.norm() > tol:
+        candidate = theta - torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+        new_value, new_g = obj.value_and_grad(candidate)
+        slack = 8 * torch.finfo(theta.dtype).eps * abs(float(value))
+        if not (new_g.norm() <= 0.5 * g.norm() and new_value <= value + slack):
+            break
+        theta, value, g, done = candidate, new_value, new_g, done + 1
+    return theta, done
 
 
 def _newton(obj: StageObjective, theta: Tensor, steps: int, tol: float) -> tuple[Tensor, int]:

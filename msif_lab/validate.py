@@ -13,6 +13,7 @@ Taught in notebook 03 (and used by 04–09).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from .metrics import pearson, sign_agreement, spearman
 from .stages import Params, TwoStage
-from .train import finetune, pretrain
+from .train import FitResult, finetune, hessian_factor, pretrain
 
 
 def choose_removals(scores: Tensor, n_top: int, n_random: int = 0, seed: int = 0) -> Tensor:
@@ -84,20 +85,70 @@ class Validation:
                 f"{m['rerun_grad_norm']:.1e}")
 
 
-def rerun_test_losses(two_stage: TwoStage, pretrained: Params, finetuned: Params, test_inputs, test_targets: Tensor,
-                      removed: int | None, *, pretrain_kwargs: dict | None = None,
-                      finetune_kwargs: dict | None = None) -> tuple[Tensor, float]:
-    """Test losses [T] after removing pretraining example ``removed`` (None: nothing) and re-running both stages
-    warm-started from ``pretrained`` / ``finetuned``; also the larger of the two final gradient norms."""
-    w = None
-    if removed is not None:
-        w = two_stage.pretrain.targets.new_ones(two_stage.pretrain.n, dtype=next(iter(pretrained.values())).dtype)
-        w[removed] = 0.0
-    pre = pretrain(two_stage, pretrained, sample_weights=w, **(pretrain_kwargs or {}))
-    ft = finetune(two_stage, pre.params, finetuned, **(finetune_kwargs or {}))
-    with torch.no_grad():
-        losses = two_stage.finetune.losses(ft.params, test_inputs, test_targets)
-    return losses, max(pre.grad_norm, ft.grad_norm)
+class ReferenceFactors:
+    """Cholesky factors of both stages' Hessians at the original optima, computed on first use and shared by every
+    re-run from those optima (:func:`retrain_without` takes chord steps with them, see
+    :func:`msif_lab.train.fit_stage`): H_F over (W, U) at (W*, U*), and the finetuning Hessian over what
+    finetuning trains (Θ in case A; (W, Θ) with the proximal term in case B) at the finetuned optimum."""
+
+    def __init__(self, two_stage: TwoStage, pretrained: Params, finetuned: Params):
+        self.two_stage, self.pretrained, self.finetuned = two_stage, pretrained, finetuned
+
+    @functools.cached_property
+    def pretrain(self) -> Tensor | None:
+        stage = self.two_stage.pretrain
+        return hessian_factor(stage, self.pretrained, stage.trainable_names)
+
+    @functools.cached_property
+    def finetune(self) -> Tensor | None:
+        ts = self.two_stage
+        proximal = None if ts.case == "A" else (ts.alpha, ts.embedding_for_finetune(self.pretrained))
+        return hessian_factor(ts.finetune, self.finetuned, ts.finetune_trained_names, proximal=proximal)
+
+
+def retrain_without(two_stage: TwoStage, pretrained: Params, finetuned: Params, removed=(), *,
+                    pretrain_kwargs: dict | None = None, finetune_kwargs: dict | None = None,
+                    cache: bool = True, factors: ReferenceFactors | None = None) -> tuple[FitResult, FitResult]:
+    """Give the pretraining examples ``removed`` weight 0 and re-run both stages: the one re-training protocol.
+
+    ``removed``: pretraining indices, any number (empty: nothing removed, the noise-floor re-run). Each removed
+    example is ε = −1/m (the 1/m normalisation is kept). Pretraining is re-run warm-started from ``pretrained``
+    (W*, U*), then finetuning (case A or B, as ``two_stage`` says) warm-started from ``finetuned`` on the new
+    embedding, both with the given fit settings (use the original fits' tolerances). Returns both fits
+    (:class:`~msif_lab.train.FitResult`). Cached by content: the trained parameters, both stages' fingerprints
+    and data, the removed set, α and the fit settings.
+
+    A stage whose settings allow dense Hessians (``newton_steps`` > 0) first takes chord steps with its Hessian at
+    the original optimum (``factors``: pass one :class:`ReferenceFactors` to many re-runs from the same optima to
+    factorise once; by default they are computed here): the same tolerance, far fewer Hessians.
+
+    Used by :func:`validate_removals` (one example at a time), :func:`msif_lab.inspect.remove_and_retrain`
+    (notebook 06) and :func:`msif_lab.detection.remove_and_rerun` (notebook 08).
+    """
+    from .cache import cached
+
+    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1).sort().values
+    pretrain_kwargs, finetune_kwargs = dict(pretrain_kwargs or {}), dict(finetune_kwargs or {})
+
+    def compute():
+        refs = factors or ReferenceFactors(two_stage, pretrained, finetuned)
+        w = None
+        if len(removed):
+            w = two_stage.pretrain.targets.new_ones(two_stage.pretrain.n, dtype=next(iter(pretrained.values())).dtype)
+            w[removed.to(w.device)] = 0.0
+        chord = {"hessian_factor": refs.pretrain} if pretrain_kwargs.get("newton_steps") else {}
+        pre = pretrain(two_stage, pretrained, sample_weights=w, **pretrain_kwargs, **chord)
+        chord = {"hessian_factor": refs.finetune} if finetune_kwargs.get("newton_steps") else {}
+        return pre, finetune(two_stage, pre.params, finetuned, **finetune_kwargs, **chord)
+
+    if not cache:
+        return compute()
+    pre_stage, ft_stage = two_stage.pretrain, two_stage.finetune
+    key = {"what": "retrain_without", "removed": removed, "alpha": two_stage.alpha, "pretrained": pretrained,
+           "finetuned": finetuned, "pre_stage": pre_stage.fingerprint(), "pre_inputs": pre_stage.inputs,
+           "pre_targets": pre_stage.targets, "ft_stage": ft_stage.fingerprint(), "ft_inputs": ft_stage.inputs,
+           "ft_targets": ft_stage.targets, "pretrain_kwargs": pretrain_kwargs, "finetune_kwargs": finetune_kwargs}
+    return cached(key, compute, name="rerun")
 
 
 def validate_removals(two_stage: TwoStage, pretrained: Params, finetuned: Params, test_inputs, test_targets: Tensor,
@@ -113,33 +164,26 @@ def validate_removals(two_stage: TwoStage, pretrained: Params, finetuned: Params
     """
     from tqdm.auto import tqdm
 
-    from .cache import cached
-
     test_inputs = test_inputs if isinstance(test_inputs, tuple) else (test_inputs,)
     removed = torch.as_tensor(removed, dtype=torch.long)
     if predicted_change.dim() != 2 or predicted_change.shape[1] != two_stage.pretrain.n:
         raise ValueError(f"predicted_change must be [T, m={two_stage.pretrain.n}], got {tuple(predicted_change.shape)}.")
 
-    def one(i: int | None):
-        def compute():
-            return rerun_test_losses(two_stage, pretrained, finetuned, test_inputs, test_targets, i,
-                                     pretrain_kwargs=pretrain_kwargs, finetune_kwargs=finetune_kwargs)
-        if not cache:
-            return compute()
-        key = {"what": "rerun", "removed": i, "alpha": two_stage.alpha, "pretrained": pretrained,
-               "finetuned": finetuned, "pre_stage": two_stage.pretrain.fingerprint(),
-               "pre_inputs": two_stage.pretrain.inputs, "pre_targets": two_stage.pretrain.targets,
-               "ft_stage": two_stage.finetune.fingerprint(), "ft_inputs": two_stage.finetune.inputs,
-               "ft_targets": two_stage.finetune.targets, "test_inputs": test_inputs, "test_targets": test_targets,
-               "pretrain_kwargs": pretrain_kwargs or {}, "finetune_kwargs": finetune_kwargs or {}}
-        return cached(key, compute, name="rerun")
+    factors = ReferenceFactors(two_stage, pretrained, finetuned)  # factorised once, if a re-run needs them
 
-    base, gmax = one(None)
+    def one(removed_now) -> tuple[Tensor, float]:
+        pre, ft = retrain_without(two_stage, pretrained, finetuned, removed_now, pretrain_kwargs=pretrain_kwargs,
+                                  finetune_kwargs=finetune_kwargs, cache=cache, factors=factors)
+        with torch.no_grad():
+            losses = two_stage.finetune.losses(ft.params, test_inputs, test_targets)
+        return losses, max(pre.grad_norm, ft.grad_norm)
+
+    base, gmax = one([])
     with torch.no_grad():
         original = two_stage.finetune.losses(finetuned, test_inputs, test_targets)
     actual = torch.empty(len(base), len(removed), dtype=base.dtype)
     for k, i in enumerate(tqdm(removed.tolist(), desc="re-runs", disable=not progress)):
-        losses, g = one(i)
+        losses, g = one([i])
         actual[:, k] = losses - base
         gmax = max(gmax, g)
     return Validation(removed, predicted_change[:, removed].detach(), actual, (base - original).abs(), gmax)

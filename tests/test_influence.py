@@ -196,6 +196,23 @@ def test_pretrain_block_uses_that_block_of_the_dense_hessian():
     assert rel_err(res.scores, full.scores) > 1e-3  # a different (approximate) score, not silently the full one
 
 
+def test_sharing_the_pretraining_factor_across_cases_gives_the_same_scores():
+    tsA, pre, ftA, Xt, yt = trained(None)
+    tsB, _, ftB, _, _ = trained(1.0)
+    a = MultiStageInfluence(tsA, pre.params, ftA.params)
+    a.scores(Xt, yt)  # factorises H_f
+    b_shared = MultiStageInfluence(tsB, pre.params, ftB.params).share_pretrain_factor(a)
+    assert b_shared._factors["pretrain"] is a._factors["pretrain"]
+    b_own = MultiStageInfluence(tsB, pre.params, ftB.params).scores(Xt, yt).scores
+    assert torch.equal(b_shared.scores(Xt, yt).scores, b_own)
+    other = {n: p + 1e-3 for n, p in pre.params.items()}  # another optimum: another H_f
+    with pytest.raises(ValueError, match="different pretraining Hessians"):
+        MultiStageInfluence(tsB, other, ftB.params).share_pretrain_factor(a)
+    block = MultiStageInfluence(tsB, pre.params, ftB.params, pretrain_block=["embed.net.1.weight", "head.weight"])
+    with pytest.raises(ValueError, match="different pretraining Hessians"):
+        block.share_pretrain_factor(a)
+
+
 def test_iterative_solvers_agree_with_dense_inside_the_pipeline():
     ts, pre, ft, Xt, yt = trained(1.0)
     lam = 0.3

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 try:
-    from tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, snapshot, sq
+    from tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, snapshot, sq, trained
 except ImportError:  # tests/ made a package
-    from tests.tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, snapshot, sq
+    from tests.tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, snapshot, sq, trained
 
 from msif_lab.curvature import StageObjective
 from msif_lab.stages import Stage
@@ -109,3 +109,21 @@ def test_batch_size_is_memory_not_stochasticity():
     full = pretrain(ts, tol=1e-8, max_iter=2000)
     mb = pretrain(ts, tol=1e-8, max_iter=2000, batch_size=7)
     assert max(float((full.params[n] - mb.params[n]).abs().max()) for n in full.params) < 1e-7
+
+
+def test_chord_steps_with_a_reference_hessian_reach_the_same_optimum_without_new_hessians(monkeypatch):
+    from msif_lab.curvature import StageObjective
+    from msif_lab.train import hessian_factor
+
+    ts, pre, _, _, _ = trained(None)
+    stage, names = ts.pretrain, ts.pretrain.trainable_names
+    w = torch.ones(stage.n, dtype=DT)
+    w[[2, 7]] = 0  # a re-run after removing two examples, warm-started from the original optimum
+    newton = fit_stage(stage, pre.params, names, sample_weights=w, tol=1e-11, newton_steps=10)
+    L = hessian_factor(stage, pre.params, names)
+    calls = []
+    monkeypatch.setattr(StageObjective, "hessian", lambda self, chunk=256: calls.append(1))
+    chord = fit_stage(stage, pre.params, names, sample_weights=w, tol=1e-11, newton_steps=10, hessian_factor=L)
+    assert calls == [] and chord.converged and chord.grad_norm <= 1e-11
+    assert all(torch.allclose(chord.params[n], newton.params[n], rtol=0, atol=1e-9) for n in names)
+    assert chord.iterations > 1  # it took several chord steps (one gradient each)
