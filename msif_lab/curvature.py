@@ -21,6 +21,7 @@ Taught in notebook 02 (Hessian-vector products and the solvers that use them).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -180,11 +181,34 @@ class StageObjective:
         return check_finite(out, "A Hessian-vector product")
 
     def hessian(self, chunk: int = 256) -> Tensor:
-        """The dense Hessian [p, p] (symmetrised), built from ⌈p/chunk⌉ vectorised HVP passes. For small p only."""
-        p = self.space.size
-        eye = torch.eye(p, dtype=self.theta.dtype, device=self.theta.device)
-        H = torch.cat([self.hvp_many(eye[s:s + chunk]) for s in range(0, p, chunk)])
-        return 0.5 * (H + H.T)
+        """The dense Hessian [p, p] (symmetrised), built from ⌈p/chunk⌉ vectorised HVP passes. For small p only.
+
+        The last few Hessians are remembered by the *content* of the objective (stage, data, example weights,
+        regularisers, expansion point), so the influence solve and the re-run harness, which both need the Hessian
+        at the same optimum, build it once. A copy is returned: callers may modify it.
+        """
+        key = self._content_key()
+        if key not in _HESSIANS:
+            p = self.space.size
+            eye = torch.eye(p, dtype=self.theta.dtype, device=self.theta.device)
+            H = torch.cat([self.hvp_many(eye[s:s + chunk]) for s in range(0, p, chunk)])
+            _HESSIANS[key] = 0.5 * (H + H.T)
+            while len(_HESSIANS) > _REMEMBERED_HESSIANS:
+                _HESSIANS.popitem(last=False)
+        _HESSIANS.move_to_end(key)
+        return _HESSIANS[key].clone()
+
+    def _content_key(self) -> str:
+        from .cache import config_key
+
+        return config_key({"stage": self.stage.fingerprint(), "inputs": list(self.inputs), "targets": self.targets,
+                           "names": self.space.names, "theta": self.theta, "weights": self.weights, "wd": self.wd,
+                           "alpha": self.alpha, "anchor": self.anchor})
+
+
+_REMEMBERED_HESSIANS = 4
+_HESSIANS: OrderedDict[str, Tensor] = OrderedDict()
+"""Dense Hessians by content key (see :meth:`StageObjective.hessian`), oldest first."""
 
 
 def per_example_grads(stage: Stage, params: Params, block: Sequence[str], inputs, targets: Tensor,

@@ -87,7 +87,7 @@ class Validation:
 
 class ReferenceFactors:
     """Cholesky factors of both stages' Hessians at the original optima, computed on first use and shared by every
-    re-run from those optima (:func:`retrain_without` takes chord steps with them, see
+    re-run from those optima (:func:`retrain_without` preconditions its L-BFGS with them, see
     :func:`msif_lab.train.fit_stage`): H_F over (W, U) at (W*, U*), and the finetuning Hessian over what
     finetuning trains (Θ in case A; (W, Θ) with the proximal term in case B) at the finetuned optimum."""
 
@@ -116,10 +116,11 @@ def retrain_without(two_stage: TwoStage, pretrained: Params, finetuned: Params, 
     (W*, U*), then finetuning (case A or B, as ``two_stage`` says) warm-started from ``finetuned`` on the new
     embedding, both with the given fit settings (use the original fits' tolerances). Returns both fits
     (:class:`~msif_lab.train.FitResult`). Cached by content: the trained parameters, both stages' fingerprints
-    and data, the removed set, α and the fit settings.
+    and data, the removed set, α and the fit settings; the pretraining re-run is also cached on its own (it does
+    not depend on the finetuning side), so cases A and B, or several α, removing the same examples share it.
 
-    A stage whose settings allow dense Hessians (``newton_steps`` > 0) first takes chord steps with its Hessian at
-    the original optimum (``factors``: pass one :class:`ReferenceFactors` to many re-runs from the same optima to
+    A stage whose settings allow dense Hessians (``newton_steps`` > 0) is re-fitted by L-BFGS whitened by its
+    Hessian at the original optimum (``factors``: pass one :class:`ReferenceFactors` to many re-runs from the same optima to
     factorise once; by default they are computed here): the same tolerance, far fewer Hessians.
 
     Used by :func:`validate_removals` (one example at a time), :func:`msif_lab.inspect.remove_and_retrain`
@@ -130,20 +131,27 @@ def retrain_without(two_stage: TwoStage, pretrained: Params, finetuned: Params, 
     removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1).sort().values
     pretrain_kwargs, finetune_kwargs = dict(pretrain_kwargs or {}), dict(finetune_kwargs or {})
 
-    def compute():
-        refs = factors or ReferenceFactors(two_stage, pretrained, finetuned)
+    refs = factors or ReferenceFactors(two_stage, pretrained, finetuned)
+    pre_stage, ft_stage = two_stage.pretrain, two_stage.finetune
+
+    def compute_pretrain() -> FitResult:
         w = None
         if len(removed):
-            w = two_stage.pretrain.targets.new_ones(two_stage.pretrain.n, dtype=next(iter(pretrained.values())).dtype)
+            w = pre_stage.targets.new_ones(pre_stage.n, dtype=next(iter(pretrained.values())).dtype)
             w[removed.to(w.device)] = 0.0
-        chord = {"hessian_factor": refs.pretrain} if pretrain_kwargs.get("newton_steps") else {}
-        pre = pretrain(two_stage, pretrained, sample_weights=w, **pretrain_kwargs, **chord)
-        chord = {"hessian_factor": refs.finetune} if finetune_kwargs.get("newton_steps") else {}
-        return pre, finetune(two_stage, pre.params, finetuned, **finetune_kwargs, **chord)
+        reference = {"hessian_factor": refs.pretrain} if pretrain_kwargs.get("newton_steps") else {}
+        return pretrain(two_stage, pretrained, sample_weights=w, **pretrain_kwargs, **reference)
+
+    def compute():
+        pre_key = {"what": "retrain_without_pretrain", "removed": removed, "pretrained": pretrained,
+                   "pre_stage": pre_stage.fingerprint(), "pre_inputs": pre_stage.inputs,
+                   "pre_targets": pre_stage.targets, "pretrain_kwargs": pretrain_kwargs}
+        pre = cached(pre_key, compute_pretrain, name="rerun_pretrain") if cache else compute_pretrain()
+        reference = {"hessian_factor": refs.finetune} if finetune_kwargs.get("newton_steps") else {}
+        return pre, finetune(two_stage, pre.params, finetuned, **finetune_kwargs, **reference)
 
     if not cache:
         return compute()
-    pre_stage, ft_stage = two_stage.pretrain, two_stage.finetune
     key = {"what": "retrain_without", "removed": removed, "alpha": two_stage.alpha, "pretrained": pretrained,
            "finetuned": finetuned, "pre_stage": pre_stage.fingerprint(), "pre_inputs": pre_stage.inputs,
            "pre_targets": pre_stage.targets, "ft_stage": ft_stage.fingerprint(), "ft_inputs": ft_stage.inputs,

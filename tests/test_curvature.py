@@ -68,6 +68,27 @@ def test_value_grad_and_hessian_match_autograd():
     assert torch.allclose(obj.at(theta).hvp(v), H_ref @ v, rtol=1e-10, atol=1e-13)
 
 
+def test_dense_hessian_is_built_once_per_content(monkeypatch):
+    from collections import OrderedDict
+
+    import msif_lab.curvature as curvature
+
+    stage, params, names = _setup()
+    monkeypatch.setattr(curvature, "_HESSIANS", OrderedDict())  # nothing remembered from other tests
+    calls = []
+    original = StageObjective.hvp_many
+    monkeypatch.setattr(StageObjective, "hvp_many", lambda self, V: calls.append(1) or original(self, V))
+    H1 = StageObjective(stage, params, names).hessian()
+    built = len(calls)
+    H1[0, 0] = 1e9  # the caller's copy: the remembered Hessian is untouched
+    H2 = StageObjective(stage, {n: p.clone() for n, p in params.items()}, names).hessian()  # equal content
+    assert len(calls) == built and H2[0, 0] != 1e9
+    w = torch.ones(stage.n, dtype=DT)
+    w[0] = 0.0
+    H3 = StageObjective(stage, params, names, sample_weights=w).hessian()  # other content: built anew
+    assert len(calls) == 2 * built and not torch.equal(H3, H2)
+
+
 def test_hvp_matches_finite_difference_of_gradient():
     stage, params, names = _setup()
     obj = StageObjective(stage, params, names)

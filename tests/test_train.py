@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 try:
-    from tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, snapshot, sq, trained
+    from tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, polish, snapshot, sq, trained
 except ImportError:  # tests/ made a package
-    from tests.tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, snapshot, sq, trained
+    from tests.tiny_models import DT, TIGHT, assert_unchanged, data, make_two_stage, polish, snapshot, sq, trained
 
 from msif_lab.curvature import StageObjective
 from msif_lab.stages import Stage
@@ -60,6 +60,38 @@ def test_newton_polish_reaches_the_rounding_floor():
     assert fit.grad_norm < 1e-13, fit.summary()
 
 
+def test_newton_steps_finish_from_the_looser_lbfgs_stop_and_lbfgs_resumes_where_they_cannot():
+    """L-BFGS hands over to Newton steps at ``newton_from`` (fewer iterations than crawling to ``tol``); where the
+    Newton steps fail (here at the random start, whose Hessian is indefinite) L-BFGS resumes to ``tol``. Every
+    route reaches the optimum of plain L-BFGS polished by the tests' own Newton steps."""
+    ts, _, _ = make_two_stage(None)
+    stage, names, init = ts.pretrain, ts.pretrain.trainable_names, ts.pretrain.initial_params()
+    ref = polish(stage, fit_stage(stage, init, names, tol=1e-10, max_iter=5000).params, names)
+    assert torch.linalg.eigvalsh(StageObjective(stage, init, names).hessian())[0] < 0
+    handover = fit_stage(stage, init, names, tol=1e-11, newton_steps=5)  # newton_from 1e-4
+    at_tol = fit_stage(stage, init, names, tol=1e-11, newton_steps=5, newton_from=1e-11)  # no early hand-over
+    fallback = fit_stage(stage, init, names, tol=1e-11, newton_steps=5, newton_from=10.0)  # Newton tried at the start
+    for fit in (handover, at_tol, fallback):
+        assert fit.converged, fit.summary()
+        assert all(torch.allclose(fit.params[n], ref.params[n], rtol=0, atol=1e-10) for n in names)
+    assert handover.iterations < at_tol.iterations
+
+
+def test_lbfgs_resumed_at_a_tighter_tolerance_continues_the_same_run():
+    """Where the Newton steps fail after the looser stop (e.g. near a saddle), L-BFGS goes on with its curvature
+    history: stopping at 1e-3 and resuming to 1e-9 gives exactly the iterates of one uninterrupted run."""
+    from msif_lab.train import _LBFGS
+
+    ts, _, _ = make_two_stage(None)
+    obj = StageObjective(ts.pretrain, ts.pretrain.initial_params(), ts.pretrain.trainable_names)
+    x_one, n_one = _LBFGS(obj, obj.theta, 2000).run(1e-9)
+    resumed = _LBFGS(obj, obj.theta, 2000)
+    _, n_first = resumed.run(1e-3)
+    x_two, n_second = resumed.run(1e-9)
+    assert 0 < n_first < n_one and n_first + n_second == n_one
+    assert torch.equal(x_one, x_two)
+
+
 def test_case_a_finetuning_keeps_w_fixed_and_case_b_moves_it():
     ts, _, _ = make_two_stage(None)
     pre = pretrain(ts, tol=1e-8, max_iter=2000)
@@ -111,19 +143,23 @@ def test_batch_size_is_memory_not_stochasticity():
     assert max(float((full.params[n] - mb.params[n]).abs().max()) for n in full.params) < 1e-7
 
 
-def test_chord_steps_with_a_reference_hessian_reach_the_same_optimum_without_new_hessians(monkeypatch):
-    from msif_lab.curvature import StageObjective
+@pytest.mark.parametrize("removed", [[2, 7], list(range(0, 40, 3))])
+def test_lbfgs_whitened_by_a_reference_hessian_reaches_the_same_optimum_without_new_hessians(monkeypatch, removed):
+    """A re-run warm-started from the original optimum after removing 2 examples (a small change) or 14 (a large
+    one, where the optimum moves far along soft directions) reaches the optimum of a re-run with Newton steps,
+    without forming any Hessian: L-BFGS runs in coordinates whitened by the original optimum's Hessian."""
     from msif_lab.train import hessian_factor
 
     ts, pre, _, _, _ = trained(None)
     stage, names = ts.pretrain, ts.pretrain.trainable_names
     w = torch.ones(stage.n, dtype=DT)
-    w[[2, 7]] = 0  # a re-run after removing two examples, warm-started from the original optimum
-    newton = fit_stage(stage, pre.params, names, sample_weights=w, tol=1e-11, newton_steps=10)
+    w[removed] = 0
+    reference = polish(stage, fit_stage(stage, pre.params, names, sample_weights=w, tol=1e-11, max_iter=5000,
+                                        newton_steps=10).params, names, sample_weights=w)
     L = hessian_factor(stage, pre.params, names)
     calls = []
     monkeypatch.setattr(StageObjective, "hessian", lambda self, chunk=256: calls.append(1))
-    chord = fit_stage(stage, pre.params, names, sample_weights=w, tol=1e-11, newton_steps=10, hessian_factor=L)
-    assert calls == [] and chord.converged and chord.grad_norm <= 1e-11
-    assert all(torch.allclose(chord.params[n], newton.params[n], rtol=0, atol=1e-9) for n in names)
-    assert chord.iterations > 1  # it took several chord steps (one gradient each)
+    whitened = fit_stage(stage, pre.params, names, sample_weights=w, tol=1e-11, newton_steps=10, hessian_factor=L)
+    assert calls == [] and whitened.converged and whitened.grad_norm <= 1e-11, whitened.summary()
+    assert all(torch.allclose(whitened.params[n], reference.params[n], rtol=0, atol=1e-9) for n in names)
+    assert 1 < whitened.iterations < 100  # a few dozen gradients
