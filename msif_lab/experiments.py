@@ -83,6 +83,14 @@ class ImageSetup:
     def config(self) -> dict:
         return dataclasses.asdict(self)
 
+    def pretraining_config(self) -> dict:
+        """The fields pretraining depends on (not α, not the finetuning data): the pretraining cache key, so that
+        cases A and B, and every α, share one pretrained model."""
+        fields = ("dataset", "pretrain_classes", "n_pretrain", "pool", "size", "grayscale", "embedding", "width",
+                  "depth", "channels", "weight_decay_pretrain", "tol", "max_iter", "newton_steps", "seed", "dtype",
+                  "device")
+        return {k: getattr(self, k) for k in fields}
+
 
 @dataclass
 class ImageExperiment:
@@ -134,16 +142,16 @@ def build(setup: ImageSetup) -> ImageExperiment:
     return ImageExperiment(setup, ts, test.x.to(dev), test.y.to(dev), test.labels, pre.labels, ft.labels)
 
 
-def train(exp: ImageExperiment, *, cache: bool = True) -> tuple[FitResult, FitResult]:
+def train(exp, *, cache: bool = True) -> tuple[FitResult, FitResult]:
     """Pretrain then finetune to a tight optimum, each loaded from the cache when an identical setup was trained.
 
+    ``exp``: an :class:`ImageExperiment` or a :class:`msif_lab.text_experiment.TextExperiment` (anything with
+    ``two_stage`` and a ``setup`` offering ``dataset``, ``config()``, ``pretraining_config()`` and ``fit_kwargs()``).
     Pretraining does not depend on ``alpha``, so cases A and B share it.
     """
     s = exp.setup
-    pretraining_fields = ("dataset", "pretrain_classes", "n_pretrain", "pool", "size", "grayscale", "embedding", "width",
-                          "depth", "channels", "weight_decay_pretrain", "tol", "max_iter", "newton_steps", "seed",
-                          "dtype", "device")
-    pre_key = {"what": "pretrain", **{k: getattr(s, k) for k in pretraining_fields}}
+    # the stages' fingerprints (architecture, loss code) join the setup, so a changed model is never loaded stale
+    pre_key = {"what": "pretrain", **s.pretraining_config(), "stage": exp.two_stage.pretrain.fingerprint()}
 
     def run_pre():
         return pretrain(exp.two_stage, **s.fit_kwargs())
@@ -153,12 +161,14 @@ def train(exp: ImageExperiment, *, cache: bool = True) -> tuple[FitResult, FitRe
     def run_ft():
         return finetune(exp.two_stage, pre.params, **s.fit_kwargs())
 
-    ft = cached({"what": "finetune", **s.config()}, run_ft, name=f"finetune_{s.dataset}") if cache else run_ft()
+    ft_key = {"what": "finetune", **s.config(), "stages": [exp.two_stage.pretrain.fingerprint(),
+                                                           exp.two_stage.finetune.fingerprint()]}
+    ft = cached(ft_key, run_ft, name=f"finetune_{s.dataset}") if cache else run_ft()
     return pre, ft
 
 
-def accuracy(exp: ImageExperiment, finetuned: Params) -> float:
-    """Finetuned classifier's accuracy on the test split (fraction in [0, 1])."""
+def accuracy(exp, finetuned: Params) -> float:
+    """Finetuned classifier's accuracy on the test split (fraction in [0, 1]); ``exp`` as in :func:`train`."""
     with torch.no_grad():
         logits = exp.two_stage.finetune.outputs(finetuned, exp.test_x)
     return float((logits.argmax(1) == exp.test_y).double().mean())

@@ -691,13 +691,14 @@ def text_stats(root: str | os.PathLike | None = None) -> dict:
     }
 
 
-def text_models(vocab_size: int, *, dim: int = 32, hidden: int = 32, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> tuple[TextModel, TextModel]:
+def text_models(vocab_size: int, *, dim: int = 32, hidden: int = 32, encoder: str = "gru", window: int = 3,
+                seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[TextModel, TextModel]:
     """(pretraining model = MiniELMo + :class:`BiLMHead`, finetuning model = the same MiniELMo instance +
-    :class:`SentimentHead`), initialised from ``seed``. Sub-modules ``embed`` (W) and ``head`` (U or Θ)."""
+    :class:`SentimentHead`), initialised from ``seed``. Sub-modules ``embed`` (W) and ``head`` (U or Θ).
+    ``encoder``/``window``: see :class:`msif_lab.models.MiniELMo`."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        embed = MiniELMo(vocab_size, dim=dim, hidden=hidden)
+        embed = MiniELMo(vocab_size, dim=dim, hidden=hidden, encoder=encoder, window=window)
         pre = TextModel(embed, BiLMHead(hidden, vocab_size)).to(dtype)
         ft = TextModel(embed, SentimentHead(embed.out_features)).to(dtype)
     return pre, ft
@@ -705,12 +706,12 @@ def text_models(vocab_size: int, *, dim: int = 32, hidden: int = 32, seed: int =
 
 def text_two_stage(pretrain_ids: Tensor, pretrain_targets: Tensor, finetune_ids: Tensor, finetune_labels: Tensor,
                    vocab_size: int, *, alpha: float | None = None, dim: int = 32, hidden: int = 32,
-                   pretrain_weight_decay: float = 1e-4, finetune_weight_decay: float = 1e-3, seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> TwoStage:
+                   encoder: str = "gru", window: int = 3, pretrain_weight_decay: float = 1e-4,
+                   finetune_weight_decay: float = 1e-3, seed: int = 0, dtype: torch.dtype = torch.float32) -> TwoStage:
     """The NLP :class:`~msif_lab.stages.TwoStage`: pretraining on (ids [m, L], LM targets [m, L, 2]) with
     :func:`lm_loss`, finetuning on (ids [n, L], labels [n]) with :func:`sentiment_loss`; W = ``embed``.
     ``alpha=None``: case A (embedding fixed); ``alpha > 0``: case B (proximal term (α/2)·||W − W*||²)."""
-    pre, ft = text_models(vocab_size, dim=dim, hidden=hidden, seed=seed, dtype=dtype)
+    pre, ft = text_models(vocab_size, dim=dim, hidden=hidden, encoder=encoder, window=window, seed=seed, dtype=dtype)
     return TwoStage(
         Stage(pre, lm_loss, pretrain_ids, pretrain_targets, weight_decay=pretrain_weight_decay),
         Stage(ft, sentiment_loss, finetune_ids, finetune_labels, weight_decay=finetune_weight_decay),

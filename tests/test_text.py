@@ -172,12 +172,16 @@ def _batch(lengths, length=L, seed=0):
     return ids
 
 
-def _models(dtype=torch.float64):
-    return T.text_models(V, dim=5, hidden=4, seed=0, dtype=dtype)
+ENCODERS = pytest.mark.parametrize("encoder", MiniELMo.ENCODERS)
 
 
-def test_shapes_and_padding():
-    pre, ft = _models()
+def _models(dtype=torch.float64, encoder="gru"):
+    return T.text_models(V, dim=5, hidden=4, encoder=encoder, seed=0, dtype=dtype)
+
+
+@ENCODERS
+def test_shapes_and_padding(encoder):
+    pre, ft = _models(encoder=encoder)
     ids = _batch([9, 4, 6])
     feats = pre.embed(ids)
     assert feats.shape == (3, L, 8) and pre.embed.out_features == 8
@@ -188,8 +192,9 @@ def test_shapes_and_padding():
         pre.embed(ids.float())
 
 
-def test_directions_do_not_see_their_targets():
-    embed = MiniELMo(V, dim=5, hidden=4).double()
+@ENCODERS
+def test_directions_do_not_see_their_targets(encoder):
+    embed = MiniELMo(V, dim=5, hidden=4, encoder=encoder).double()
     a = _batch([8])
     b = a.clone()
     b[0, 5] = 4 if a[0, 5] != 4 else 5
@@ -198,8 +203,24 @@ def test_directions_do_not_see_their_targets():
     assert torch.allclose(fa[0, 6:, 4:], fb[0, 6:, 4:]) and not torch.allclose(fa[0, 5, 4:], fb[0, 5, 4:])
 
 
-def test_per_example_loss_equals_batched_loss_split():
-    pre, ft = _models()
+def test_conv_encoder_reads_a_window_of_tokens_and_rejects_bad_settings():
+    embed = MiniELMo(V, dim=5, hidden=4, encoder="conv", window=2).double()
+    a = _batch([8])
+    b = a.clone()
+    b[0, 3] = 4 if a[0, 3] != 4 else 5
+    fa, fb = embed(a), embed(b)
+    changed_fwd = [t for t in range(L) if not torch.allclose(fa[0, t, :4], fb[0, t, :4])]
+    changed_bwd = [t for t in range(L) if not torch.allclose(fa[0, t, 4:], fb[0, t, 4:])]
+    assert changed_fwd == [3, 4] and changed_bwd == [2, 3]  # token 3 is read by the states at 3..3+window-1
+    with pytest.raises(ValueError, match="encoder"):
+        MiniELMo(V, encoder="lstm")
+    with pytest.raises(ValueError, match="window"):
+        MiniELMo(V, encoder="conv", window=0)
+
+
+@ENCODERS
+def test_per_example_loss_equals_batched_loss_split(encoder):
+    pre, ft = _models(encoder=encoder)
     lengths = [9, 3, 6]
     ids = _batch(lengths)
     batched = T.lm_loss(pre(ids), T.lm_targets(ids))
