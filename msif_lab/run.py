@@ -3,7 +3,7 @@
     python -m msif_lab run                         # every notebooks/NN_*.ipynb, stored parameters ("default")
     python -m msif_lab run --profile paper         # full-size settings, on a GPU when there is one
     python -m msif_lab run --only 03 --only 04     # some notebooks (by number or file name)
-    python -m msif_lab run --only 01 -p N_TRAIN 200  # one notebook with other parameters (-> outputs/custom/)
+    python -m msif_lab run --only 01 -p N_PER_CLASS 100  # one notebook with other parameters (-> outputs/custom/)
     python -m msif_lab run --list                  # notebooks, their parameters and the profile's overrides
     python -m msif_lab data                        # prepare the data folder offline
     python -m msif_lab paths                       # where data, outputs and the cache are

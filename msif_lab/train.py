@@ -57,14 +57,14 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
         max_iter: L-BFGS iterations at most.
         batch_size: examples per pass (memory), not a stochastic batch: every L-BFGS step uses all examples.
         adam_epochs, adam_lr: mini-batch Adam epochs (batch ``batch_size`` or 128) before L-BFGS.
-        newton_steps: at most this many Newton steps on the dense Hessian (small models only), taken before L-BFGS
-            (a warm start near the optimum, as in validation re-runs, then needs no L-BFGS at all; the whitened
-            L-BFGS of ``hessian_factor`` replaces them when it is given) and after it; a step is taken only while the Hessian is
-            positive definite and the objective decreases.
-        newton_from: with ``newton_steps``, L-BFGS first stops at this looser gradient norm and Newton steps finish
-            (they converge quadratically where L-BFGS crawls along badly conditioned directions); where they do not
-            reach ``tol`` from there, L-BFGS goes on to ``tol`` (with its curvature history, unless the Newton steps
-            moved the point) and Newton steps are tried again.
+        newton_steps: at most this many Newton steps on the dense Hessian (small models only) at a time; a step is
+            taken only while the Hessian is positive definite and the objective decreases.
+        newton_from: with ``newton_steps``, Newton steps are tried only below this gradient norm: at the start (a
+            warm start near the optimum then needs no L-BFGS at all) and where L-BFGS first stops, at this norm;
+            there they converge quadratically where L-BFGS would crawl along badly conditioned directions. Where
+            they do not reach ``tol``, L-BFGS goes on to ``tol`` (with its curvature history, unless the Newton
+            steps moved the point) and Newton steps are tried again. The whitened L-BFGS of ``hessian_factor``
+            replaces the first attempt when it is given.
         hessian_factor: lower Cholesky factor L of a *reference* Hessian H_ref = LLᵀ of this objective over
             ``trained`` (e.g. at the original optimum, for re-runs after a change of the data; see
             :func:`hessian_factor`). L-BFGS then first runs in whitened coordinates y, θ = θ₀ + L⁻ᵀy, where the
@@ -85,8 +85,10 @@ def fit_stage(stage: Stage, init: Params, trained: Sequence[str], *, proximal: t
         max_iter = whitened.left
         theta, chord = _chord(obj, theta, hessian_factor, tol)  # beyond where line searches see a decrease
         steps += chord
-    else:
-        theta, steps = _newton(obj, theta, newton_steps, tol)  # a warm start near a minimum converges here
+    elif obj.value_and_grad(theta)[1].norm() <= newton_from:  # a warm start near a minimum converges here
+        theta, steps = _newton(obj, theta, newton_steps, tol)
+    else:  # far from a minimum (a random start): a dense Hessian would be wasted
+        steps = 0
     iterations += steps
     lbfgs = _LBFGS(obj, theta, max_iter)
     for stop in ([newton_from, tol] if newton_steps and newton_from > tol else [tol]):
