@@ -23,8 +23,8 @@ $(SETUP_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-# Prepared once; `make data` forces a check (fast when everything is there).
-$(DATA_STAMP): | $(SETUP_STAMP)
+# Prepared once (again when what is prepared changes); `make data` forces a check (fast when all is there).
+$(DATA_STAMP): msif_lab/data.py msif_lab/text.py | $(SETUP_STAMP)
 	$(BIN)/python -m msif_lab data
 	touch $@
 
