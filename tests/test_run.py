@@ -91,11 +91,19 @@ def test_a_notebook_without_results_json_is_reported(tmp_path, isolated_outputs,
 
 
 def test_paper_profile_sets_the_device_only_where_declared(tmp_path, make_notebook):
-    with_device = make_notebook(tmp_path, "05_gpu", "DEVICE = 'cpu'  # where to compute")
-    without = make_notebook(tmp_path, "06_cpu", "N = 1  # a count")
+    # numbers the paper profile does not list: only the DEVICE rule applies
+    with_device = make_notebook(tmp_path, "97_gpu", "DEVICE = 'cpu'  # where to compute")
+    without = make_notebook(tmp_path, "98_cpu", "N = 1  # a count")
     assert runner.profile_parameters("paper", with_device) == {"DEVICE": runner.CUDA_WHEN_AVAILABLE}
     assert runner.profile_parameters("paper", without) == {}
     assert runner.profile_parameters("default", with_device) == {}
+    # a listed notebook gets its paper sizes, and DEVICE on top when it declares one
+    listed = next(iter(runner.PROFILES["paper"]))
+    sized = make_notebook(tmp_path, f"{listed}_sized", "DEVICE = 'cpu'  # where to compute")
+    assert runner.profile_parameters("paper", sized) == {
+        **runner.PROFILES["paper"][listed],
+        "DEVICE": runner.PROFILES["paper"][listed].get("DEVICE", runner.CUDA_WHEN_AVAILABLE),
+    }
     resolved = runner._resolve_device({"DEVICE": runner.CUDA_WHEN_AVAILABLE})
     assert resolved["DEVICE"] in {"cpu", "cuda"}
     with pytest.raises(ValueError, match="unknown profile"):
