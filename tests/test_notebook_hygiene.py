@@ -80,11 +80,13 @@ def test_anatomy(notebook):
     assert not re.search(r"""['"]\.\./""", code), f"{path.name}: no ../ paths; use msif_lab.paths"
 
 
-def test_test_parameters_are_declared_and_not_the_defaults(notebook):
-    path, nb = notebook
-    test_params = nb.metadata.get("msif_lab", {}).get("test_parameters")
-    if test_params is None:
-        pytest.skip(f"{path.name} declares no metadata.msif_lab.test_parameters")
+WITH_TEST_PARAMETERS = [p for p in NOTEBOOKS
+                        if nbformat.read(p, as_version=4).metadata.get("msif_lab", {}).get("test_parameters")]
+
+
+@pytest.mark.parametrize("path", WITH_TEST_PARAMETERS, ids=[p.stem for p in WITH_TEST_PARAMETERS])
+def test_test_parameters_are_declared_and_not_the_defaults(path):
+    test_params = nbformat.read(path, as_version=4).metadata["msif_lab"]["test_parameters"]
     declared = declared_parameters(path)
     assert set(test_params) <= set(declared), f"{path.name}: test parameters not declared: {set(test_params) - set(declared)}"
     assert any(declared[k] != v for k, v in test_params.items()), f"{path.name}: test parameters equal the defaults"
