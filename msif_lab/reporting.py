@@ -149,7 +149,7 @@ def alpha_sweep(two_stage: TwoStage, pretrained: Params, start_alpha: float, sta
     ``start_alpha=float("inf")`` with case A's finetuned parameters starts the continuation at case A.
     Taught in notebook 04 (section "The α sweep").
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto would need ipywidgets in a notebook
 
     from .cache import cached
     from .train import finetune

@@ -23,6 +23,7 @@ import argparse
 import ast
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -140,13 +141,15 @@ def declared_parameters(path: Path) -> dict[str, Any]:
 
 def parse_value(text: str, default: Any = None) -> Any:
     """A command-line value: kept as text if the parameter's default is a string, else a Python literal
-    (``200``, ``0.5``, ``True``, ``[0, 1]``, ``None``), falling back to the text itself."""
+    (``200``, ``0.5``, ``True``, ``[0, 1]`` or ``0,1``, ``None``), falling back to the text itself. Tuples
+    become lists (papermill passes only plain literals to a notebook)."""
     if isinstance(default, str):
         return text
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    return list(value) if isinstance(value, tuple) else value  # `1,7` reads as a tuple; notebooks take lists
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -223,22 +226,66 @@ def run_notebook(path: str | os.PathLike, parameters: dict[str, Any] | None = No
     names and types are checked first (:func:`check_parameters`), the kernel runs in the notebook's folder
     with ``MSIF_PROFILE=profile_name``, the executed copy goes to ``outputs/<profile_name>/notebooks/``.
 
+    A failure loses nothing: the outputs of the last successful run (``outputs/<profile_name>/<notebook>/`` and
+    the executed copy) stay in place; the failed attempt is kept beside them as ``<notebook>.failed/`` and
+    ``notebooks/<notebook>.failed.ipynb`` (both removed by the next successful run).
+
     Raises:
         UnknownParameterError: before executing, for a name the notebook does not declare.
         NotebookFailed: naming the notebook, the failing cell and its error.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     path = Path(path).resolve()
-    parameters = dict(parameters or {})
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in (parameters or {}).items()}
     check_parameters(path, parameters)
     parameters = _resolve_device(parameters)
     out_dir = profile_dir(check_name(profile_name, "profile"))
     executed = out_dir / "notebooks" / path.name
     executed.parent.mkdir(parents=True, exist_ok=True)
-    results_file = out_dir / path.stem / RESULTS_FILE
-    results_file.unlink(missing_ok=True)  # never summarise a stale result
+    partial = executed.with_name(f".{path.stem}.partial.ipynb")
+    failed_copy = executed.with_name(f"{path.stem}.failed.ipynb")
+    folder, failed_folder = out_dir / path.stem, out_dir / f"{path.stem}.failed"
+    with _set_aside(folder):  # a failure restores the outputs of the last successful run
+        try:
+            results = _execute(path, parameters, profile_name, partial, folder, progress)
+        except BaseException:
+            shutil.rmtree(failed_folder, ignore_errors=True)
+            if folder.exists():
+                folder.rename(failed_folder)
+            if partial.exists():
+                os.replace(partial, failed_copy)
+            raise
+    os.replace(partial, executed)
+    failed_copy.unlink(missing_ok=True)
+    shutil.rmtree(failed_folder, ignore_errors=True)
+    return results
+
+
+@contextmanager
+def _set_aside(folder: Path) -> Iterator[Path]:
+    """Move ``folder`` to a hidden sibling for the duration; put it back if the body raises, else delete it."""
+    backup = folder.with_name(f".{folder.name}.previous")
+    shutil.rmtree(backup, ignore_errors=True)
+    if folder.exists():
+        folder.rename(backup)
+    try:
+        yield backup
+    except BaseException:
+        if backup.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            backup.rename(folder)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _execute(path: Path, parameters: dict[str, Any], profile_name: str, executed: Path, folder: Path,
+             progress: bool) -> dict[str, Any]:
+    """Run papermill (kernel in the notebook's folder) into ``executed``; return the new results.json."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    failed_copy = executed.with_name(f"{path.stem}.failed.ipynb")
+    kept = (f"The executed notebook with the full traceback: {failed_copy}; the outputs of the last successful "
+            f"run (if any) are kept in {folder}.")
     with _environment(MSIF_PROFILE=profile_name):
         try:
             papermill.execute_notebook(str(path), str(executed), parameters=parameters, cwd=str(path.parent),
@@ -247,10 +294,11 @@ def run_notebook(path: str | os.PathLike, parameters: dict[str, Any] | None = No
             first_line = next((line for line in err.source.splitlines() if line.strip()), "")
             raise NotebookFailed(
                 f"{path.name} failed at In [{err.exec_count}] (the cell starting `{first_line[:80]}`): "
-                f"{err.ename}: {err.evalue}\nThe executed notebook with the full traceback: {executed}"
+                f"{err.ename}: {err.evalue}\n{kept}"
             ) from None
         except Exception as err:  # kernel died, no such kernel, timeouts ...
-            raise NotebookFailed(f"{path.name} could not be executed: {type(err).__name__}: {err}") from err
+            raise NotebookFailed(f"{path.name} could not be executed: {type(err).__name__}: {err}\n{kept}") from err
+    results_file = folder / RESULTS_FILE
     if not results_file.is_file():
         raise NotebookFailed(
             f"{path.name} ran but wrote no {results_file}. Fix: create NotebookRun({path.stem!r}, ...) in its "
@@ -290,23 +338,54 @@ def run_course(profile_name: str = "default", only: Sequence[str] | None = None,
         params = {**profile_parameters(profile_name, path), **overrides}
         check_parameters(path, params)
         plan.append((path, params))
-    entries: list[dict[str, Any]] = []
+    ran: dict[Path, dict[str, Any]] = {}
     for i, (path, params) in enumerate(plan, 1):
         shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "stored parameters"
         print(f"[{i}/{len(plan)}] {path.stem} ({shown})", flush=True)
         start = time.perf_counter()
-        entry = {"path": path, "title": notebook_title(path), "params": params}
+        entry = ran[path] = {"path": path, "title": notebook_title(path), "params": params}
         try:
             entry["results"] = run_notebook(path, params, profile_name=output_profile, progress=progress)
         except NotebookFailed as err:
             entry["error"] = str(err)
-            entries.append(entry)
-            write_summary(output_profile, entries)
+            write_summary(output_profile, _with_earlier_runs(available, ran, output_profile))
             raise
         entry["seconds"] = time.perf_counter() - start
-        entries.append(entry)
         print(f"      done in {entry['seconds']:.1f} s", flush=True)
-    return write_summary(output_profile, entries)
+    return write_summary(output_profile, _with_earlier_runs(available, ran, output_profile))
+
+
+def _with_earlier_runs(available: Sequence[Path], ran: dict[Path, dict[str, Any]],
+                       output_profile: str) -> list[dict[str, Any]]:
+    """Summary entries in course order: this invocation's, and for every other notebook the results.json an
+    earlier run left in ``outputs/<output_profile>/`` (so ``--only 05`` does not drop the rest of the summary)."""
+    out_dir = profile_dir(output_profile)
+    entries = []
+    for path in available:
+        if path in ran:
+            entries.append(ran[path])
+        elif (out_dir / path.stem / RESULTS_FILE).is_file():
+            entry = {"path": path, "title": notebook_title(path), "earlier": True,
+                     "params": _injected_parameters(out_dir / "notebooks" / path.name)}
+            try:
+                entry["results"] = load_results(out_dir / path.stem / RESULTS_FILE)
+            except (OSError, ValueError) as err:
+                entry["error"] = f"an earlier run's results.json cannot be read ({err}); re-run the notebook."
+            entries.append(entry)
+    return entries
+
+
+def _injected_parameters(executed: Path) -> dict[str, Any]:
+    """The parameters papermill injected into an executed notebook (its ``injected-parameters`` cell)."""
+    import nbformat
+
+    if not executed.is_file():
+        return {}
+    for cell in nbformat.read(executed, as_version=4).cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            return {stmt.targets[0].id: ast.literal_eval(stmt.value) for stmt in ast.parse(cell.source).body
+                    if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)}
+    return {}
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -316,28 +395,75 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         text = f"{value:.4g}"
     elif isinstance(value, list):
-        flat = all(isinstance(v, (int, float, str)) for v in value)
-        text = "[" + ", ".join(_fmt(v) for v in value) + "]" if flat and len(value) <= 8 else f"[{len(value)} values]"
+        text = "[" + ", ".join(_fmt(v) for v in value) + "]"
+    elif value is None:
+        text = "—"
     else:
         text = str(value)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
+def _short(value: Any) -> bool:
+    """A number, a string or a list of at most 8 of them: one cell of a table."""
+    scalar = (bool, int, float, str, type(None))
+    return isinstance(value, scalar) or (isinstance(value, list) and len(value) <= 8
+                                         and all(isinstance(v, scalar) for v in value))
+
+
+def _table_rows(value: Any) -> list[tuple[str, dict[str, Any]]] | None:
+    """Rows of a table if ``value`` is one: a dict (row name → record) or a list of records, every record a
+    dict of short values (e.g. notebook 08's detection table, method → {"ap": …, "p@10": …})."""
+    rows = list(value.items()) if isinstance(value, dict) else \
+        [(str(i + 1), r) for i, r in enumerate(value)] if isinstance(value, list) else []
+    ok = rows and all(isinstance(r, dict) and r and all(_short(v) for v in r.values()) for _, r in rows)
+    return [(str(k), r) for k, r in rows] if ok else None
+
+
+def _markdown_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    columns = list(dict.fromkeys(c for _, r in rows for c in r))
+    lines = ["", f"**{_fmt(title)}**", "", "| | " + " | ".join(_fmt(c) for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {_fmt(k)} | " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for k, r in rows]
+    return lines
+
+
+def _results_section(res: dict[str, Any]) -> list[str]:
+    """A notebook's recorded numbers as markdown: the key numbers (short values, and dicts of them flattened one
+    level) in one table beside the paper's values, each recorded table as a table of its own (also a dict of
+    tables, e.g. notebook 09's correlations per setting), and the names of what is only in results.json."""
+    values, paper = res["results"], res["paper_reference"]
+    key_rows, tables, elsewhere = [], [], []
     for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+        if _short(value):
+            key_rows.append((key, value))
+        elif isinstance(value, dict) and all(_short(v) for v in value.values()):
+            key_rows += [(f"{key}.{k}", v) for k, v in value.items()]
+        elif (rows := _table_rows(value)) is not None:
+            tables.append((key, rows))
+        elif isinstance(value, dict) and all(_table_rows(v) is not None for v in value.values()):
+            tables += [(f"{key}: {name}", _table_rows(v)) for name, v in value.items()]
         else:
-            out[f"{prefix}{key}"] = value
-    return out
+            elsewhere.append(key)
+    lines = []
+    if key_rows:
+        with_paper = any(k in paper for k, _ in key_rows)
+        lines += ["", "| quantity | this run | paper |" if with_paper else "| quantity | this run |",
+                  "|---|---|---|" if with_paper else "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} | {_fmt(paper.get(k))} |" if with_paper else f"| {k} | {_fmt(v)} |"
+                  for k, v in key_rows]
+    for title, rows in tables:
+        lines += _markdown_table(title, rows)
+    if elsewhere:
+        lines += ["", f"Also in results.json: {', '.join(f'`{k}`' for k in elsewhere)}."]
+    return lines
 
 
 def write_summary(output_profile: str, entries: Sequence[dict[str, Any]]) -> Path:
     """Write ``outputs/<output_profile>/summary.md`` from the runner's entries (atomically); returns its path.
 
-    Per notebook: title, status, time, parameters, a table of its recorded numbers (beside the paper's value
-    where the notebook recorded one) and links to its figures.
+    Per notebook: title, status (``ok``, ``FAILED`` or ``ok (earlier run)`` for results an earlier invocation
+    left), time, parameters, its key numbers beside the paper's value where the notebook recorded one, its
+    recorded tables, and links to its figures.
     """
     out_dir = profile_dir(output_profile)
     lines = [f"# msif-lab results: profile `{output_profile}`", ""]
@@ -347,7 +473,8 @@ def write_summary(output_profile: str, entries: Sequence[dict[str, Any]]) -> Pat
               "Executed notebooks are in `notebooks/`, figures beside each notebook's results.json.", ""]
     lines += ["| notebook | title | status | time |", "|---|---|---|---|"]
     for e in entries:
-        status = "FAILED" if "error" in e else "ok"
+        status = "FAILED" if "error" in e else f"ok (earlier run, {e['results']['timestamp']})" \
+            if e.get("earlier") else "ok"
         seconds = f"{e['seconds']:.0f} s" if "seconds" in e else "—"
         lines.append(f"| [{e['path'].stem}](#{e['path'].stem}) | {_fmt(e['title'])} | {status} | {seconds} |")
     for e in entries:
@@ -361,14 +488,7 @@ def write_summary(output_profile: str, entries: Sequence[dict[str, Any]]) -> Pat
             continue
         res = e["results"]
         lines.append(f"Seed {res.get('seed')}, device {res['device']}, {res['elapsed_s']} s inside the notebook.")
-        values, paper = _flatten(res["results"]), _flatten(res["paper_reference"])
-        if values:
-            if paper:
-                lines += ["", "| quantity | this run | paper |", "|---|---|---|"]
-                lines += [f"| {k} | {_fmt(v)} | {_fmt(paper[k]) if k in paper else '—'} |" for k, v in values.items()]
-            else:
-                lines += ["", "| quantity | this run |", "|---|---|"]
-                lines += [f"| {k} | {_fmt(v)} |" for k, v in values.items()]
+        lines += _results_section(res)
         if res["figures"]:
             links = ", ".join(f"[{f.removesuffix('.png')}]({stem}/{f})" for f in res["figures"])
             lines += ["", f"Figures: {links}"]

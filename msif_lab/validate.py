@@ -170,7 +170,7 @@ def validate_removals(two_stage: TwoStage, pretrained: Params, finetuned: Params
         pretrain_kwargs, finetune_kwargs: fit settings of the re-runs (use the original fits' tolerances).
         cache: reuse re-runs of identical content from the cache folder.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto would need ipywidgets in a notebook
 
     test_inputs = test_inputs if isinstance(test_inputs, tuple) else (test_inputs,)
     removed = torch.as_tensor(removed, dtype=torch.long)

@@ -132,6 +132,7 @@ def test_parse_value():
     assert runner.parse_value("200") == 200 and runner.parse_value("0.5") == 0.5
     assert runner.parse_value("[0, 1]") == [0, 1] and runner.parse_value("True") is True
     assert runner.parse_value("cuda") == "cuda" and runner.parse_value("7", default="x") == "7"
+    assert runner.parse_value("1,7", default=[4, 9]) == [1, 7]  # a tuple literal becomes the list notebooks take
 
 
 def test_nbval_collects_exactly_the_course_notebooks():
@@ -148,3 +149,51 @@ def test_parameters_papermill_cannot_parse_are_still_declared(tmp_path, make_not
     path = make_notebook(tmp_path, "01_eq", "N = 3  # n = 3 things\nM = [1, 2]  # a list")
     assert runner.declared_parameters(path) == {"N": 3, "M": [1, 2]}
     runner.check_parameters(path, {"N": 4})
+
+
+def test_a_failed_rerun_keeps_the_last_successful_outputs(course, isolated_outputs, make_notebook):
+    runner.run_course("default", folder=course, progress=False)
+    out = isolated_outputs / "default"
+    good_notebook = (out / "notebooks" / "01_first.ipynb").read_text()
+    make_notebook(course, "01_first", PARAMS, SETUP.format(name="01_first"),
+                  "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nrun.savefig(fig, 'line')",
+                  "raise RuntimeError('broken on purpose')", title="First lesson")
+    with pytest.raises(runner.NotebookFailed, match="(?s)broken on purpose.*01_first.failed.ipynb"):
+        runner.run_course("default", only=["01"], folder=course, progress=False)
+    assert load_results(out / "01_first" / "results.json")["results"]["double"] == 6  # the good run's numbers
+    assert (out / "notebooks" / "01_first.ipynb").read_text() == good_notebook
+    assert "broken on purpose" in (out / "notebooks" / "01_first.failed.ipynb").read_text()
+    assert (out / "01_first.failed" / "line.png").is_file()  # the failed attempt, kept aside for inspection
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
+    summary = (out / "summary.md").read_text()
+    assert "| [01_first](#01_first) | First lesson | FAILED |" in summary
+    assert "| [02_second](#02_second) | 02_second | ok (earlier run, " in summary and "| triple | 9 |" in summary
+
+    make_notebook(course, "01_first", PARAMS, SETUP.format(name="01_first"), "run.record('double', 2 * N)\nrun.save()")
+    runner.run_course("default", only=["01"], folder=course, progress=False)
+    assert not (out / "01_first.failed").exists() and not (out / "notebooks" / "01_first.failed.ipynb").exists()
+    assert not (out / "01_first" / "line.png").exists()  # this run's outputs only, no stale figure
+
+
+def test_running_some_notebooks_keeps_the_others_in_the_summary(course, isolated_outputs):
+    assert runner.main(["run", "--notebooks", str(course), "-p", "N", "4", "--no-progress"]) == 0
+    assert runner.main(["run", "--notebooks", str(course), "--only", "02", "-p", "N", "5", "--no-progress"]) == 0
+    summary = (isolated_outputs / "custom" / "summary.md").read_text()
+    assert "| [01_first](#01_first) | First lesson | ok (earlier run, " in summary
+    assert "parameters: `N=4`." in summary and "| double | 8 | 6 |" in summary  # 01 as its earlier run left it
+    assert "| [02_second](#02_second) | 02_second | ok |" in summary and "| triple | 15 |" in summary
+
+
+def test_summary_shows_recorded_tables_and_names_the_rest(tmp_path, isolated_outputs, make_notebook):
+    path = make_notebook(tmp_path / "nb", "01_tables", PARAMS, SETUP.format(name="01_tables"),
+                         "run.record('detection', {'influence': {'ap': 0.9, 'p@10': 1.0}, 'random': {'ap': 0.1}})\n"
+                         "run.record('per_setting', {'mnist': {'loss': {'r': 0.5}}, 'cifar': {'loss': {'r': 0.25}}})\n"
+                         "run.record('sizes', {'W': 10, 'U': 3})\n"
+                         "run.record('scores', list(range(20)))\n"
+                         "run.record('fit', {'pretrain': {'trace': list(range(20))}})\nrun.save()")
+    runner.run_course("default", only=["01"], folder=path.parent, progress=False)
+    summary = (isolated_outputs / "default" / "summary.md").read_text()
+    assert "**detection**\n\n| | ap | p@10 |\n|---|---|---|\n| influence | 0.9 | 1 |\n| random | 0.1 | — |" in summary
+    assert "**per_setting: mnist**" in summary and "| loss | 0.25 |" in summary
+    assert "| sizes.W | 10 |" in summary
+    assert "Also in results.json: `scores`, `fit`." in summary
