@@ -510,7 +510,7 @@ def _decode_jpeg_split(split_dir: Path, rebuild: bool = False) -> tuple[Tensor, 
         images = _cached_images(cache, fingerprint, labels)
         if images is not None:
             return images, labels
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto would need ipywidgets in a notebook
 
     images = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
     for i, path in enumerate(tqdm(files, desc=f"decoding {split_dir.name} JPEGs (once, then cached)", mininterval=2)):
