@@ -32,7 +32,7 @@ from .stages import Params, Stage, as_tuple, index_inputs
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss, gradient or Hessian-vector product turned NaN or infinite."""
+    """A loss, gradient, Hessian-vector product or a solver's right-hand side is NaN or infinite."""
 
 
 def check_finite(t: Tensor, what: str) -> Tensor:

@@ -18,6 +18,8 @@ Taught in notebook 01 (single stage), 03 (case A) and 04 (case B).
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,8 +29,9 @@ from torch import Tensor
 from .cache import config_key
 from .curvature import ParamSpace, StageObjective, mixed_product, per_example_grads
 from .scoring import score_dots
-from .solvers import DenseFactor, SolveInfo, Solver
+from .solvers import DenseFactor, IndefiniteHessianWarning, SolveInfo, Solver
 from .stages import Params, Stage, TwoStage, as_tuple
+
 
 @dataclass
 class InfluenceResult:
@@ -78,6 +81,9 @@ def check_test_batch(stage: Stage, inputs, targets: Tensor) -> tuple[tuple[Tenso
                              f"Fix: convert it, x.to({ref.dtype}).")
         if len(t) != len(targets):
             raise ValueError(f"Test input {k} has {len(t)} rows but there are {len(targets)} test targets.")
+    if len(targets) == 0:
+        raise ValueError("The test batch is empty (0 test points): there is nothing to score. Fix: pass at least one "
+                         "test point, e.g. x_test[i:i+1], y_test[i:i+1].")
     return inputs, targets
 
 
@@ -94,22 +100,47 @@ def _result(scores: Tensor, m: int, test_loss: Tensor, diagnostics: dict) -> Inf
     return InfluenceResult(scores, -scores / m, test_loss, diagnostics)
 
 
+def _warn_if_indefinite(info: SolveInfo, hessian: str, params: str, solver: str) -> None:
+    """Warn (:class:`~msif_lab.solvers.IndefiniteHessianWarning`) when a dense solve found H + λI indefinite."""
+    if not info.n_negative:
+        return
+    warnings.warn(
+        f"{hessian} + λI is indefinite: {info.n_negative} eigenvalue(s) ≤ 0 (λ_min(H) = {info.eig_min:.3g}, "
+        f"λ = {info.damping:g}), so the {params} parameters are a saddle point, not a minimum, and influence scores "
+        f"computed there do not predict what re-training would do. Fix: train to a minimum (a small gradient norm), "
+        f"or add damping above {-info.eig_min:.3g} ({solver}=Solver(..., damping=λ)).",
+        IndefiniteHessianWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the caller's first frame outside msif_lab, so that a warning points at the user's code."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("msif_lab."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 # ----------------------------------------------------------------------------------------------------- single stage
 def single_stage_influence(stage: Stage, params: Params, test_inputs, test_targets: Tensor, *,
                            solver: Solver = Solver(), block: Sequence[str] | None = None,
                            batch_size: int | None = None, scoring: str = "auto") -> InfluenceResult:
     """Koh & Liang influence of every training example of ``stage`` on each test point: I = −∇L(x_t)ᵀ(H+λI)⁻¹∇l(z_i).
 
-    ``params`` must be a (tight) optimum of the stage objective (weight decay included in H). ``block``
+    ``params`` must be a (tight) optimum of the stage objective (weight decay included in H); where a dense solve
+    finds H + λI indefinite (a saddle) it warns :class:`~msif_lab.solvers.IndefiniteHessianWarning`. ``block``
     restricts the parameters (default: all trainable). Returns scores [T, n]. Taught in notebook 01.
     """
     block = stage.trainable_names if block is None else list(block)
+    stage.check_params(params, block + [n for n in stage.trainable_names if n in params and n not in block], "given",
+                       "pass the `params` of the stage's fit (fit_stage(...).params).")
     test_inputs, test_targets = check_test_batch(stage, test_inputs, test_targets)
+    with torch.no_grad():
+        test_loss = stage.checked_losses(params, test_inputs, test_targets,
+                                         "single_stage_influence: the stage's loss on the test batch")
     obj = StageObjective(stage, params, block, batch_size=batch_size)
     g_test = per_example_grads(stage, params, block, test_inputs, test_targets)
     V, info = solver.solve(obj, g_test)
-    with torch.no_grad():
-        test_loss = stage.losses(params, test_inputs, test_targets)
+    _warn_if_indefinite(info, "The Hessian H of the training objective", "given", "solver")
     dots = score_examples(stage, params, block, V, batch_size=batch_size, method=scoring)
     return _result(-dots, stage.n, test_loss, {"hessian": info})
 
@@ -131,6 +162,9 @@ class MultiStageInfluence:
             uses that block of H_f). Default: all of (W, U).
         scoring: "auto", "jvp", "grad" or "factored" (see :func:`msif_lab.scoring.score_dots`).
 
+    The parameter dicts are checked against the models (names, shapes, dtypes) when the instance is built. A dense
+    solve that finds H_f or the finetuning Hessian indefinite (a saddle, not a minimum) warns
+    :class:`~msif_lab.solvers.IndefiniteHessianWarning`; the spectrum is in the result's diagnostics.
     Dense factorisations are cached per instance; results do not depend on call order.
     Taught in notebooks 03 (case A) and 04 (case B).
     """
@@ -141,8 +175,9 @@ class MultiStageInfluence:
                  pretrain_block: Sequence[str] | None = None, scoring: str = "auto"):
         self.two_stage = two_stage
         pre, ft = two_stage.pretrain, two_stage.finetune
-        self.pretrained = {n: pretrained[n].detach() for n in _require(pretrained, pre.trainable_names, "pretrained")}
-        self.finetuned = {n: finetuned[n].detach() for n in _require(finetuned, ft.trainable_names, "finetuned")}
+        two_stage.check_params(pretrained, finetuned)
+        self.pretrained = {n: pretrained[n].detach() for n in pre.trainable_names}
+        self.finetuned = {n: finetuned[n].detach() for n in ft.trainable_names}
         self.pre_block = pre.trainable_names if pretrain_block is None else list(pretrain_block)
         unknown = [n for n in self.pre_block if n not in pre.trainable_names]
         if unknown:
@@ -196,6 +231,11 @@ class MultiStageInfluence:
             self._factors[name] = DenseFactor.from_hessian(obj.hessian())
         x, info = self._factors[name].solve(V, solver.damping)
         info.hvp_calls = info.n_params
+        if name == "pretrain":
+            _warn_if_indefinite(info, "The pretraining Hessian H_f", "pretrained", "pretrain_solver")
+        else:
+            hessian = "H_ΘΘ" if self.two_stage.case == "A" else "H_B"
+            _warn_if_indefinite(info, f"The finetuning Hessian {hessian}", "finetuned", "finetune_solver")
         return x, info
 
     def finetune_side(self, test_inputs, test_targets: Tensor) -> tuple[Tensor, Tensor, dict[str, SolveInfo]]:
@@ -203,7 +243,8 @@ class MultiStageInfluence:
         ts, ft = self.two_stage, self.two_stage.finetune
         test_inputs, test_targets = check_test_batch(ft, test_inputs, test_targets)
         with torch.no_grad():
-            test_loss = ft.losses(self.finetuned, test_inputs, test_targets)
+            test_loss = ft.checked_losses(self.finetuned, test_inputs, test_targets,
+                                          "MultiStageInfluence: the finetuning stage's loss on the test batch")
         grads = per_example_grads(ft, self.finetuned, self.w_ft + ft.head_names, test_inputs, test_targets)
         p_w = ParamSpace(self.finetuned, self.w_ft).size
         g_w, g_head = grads[:, :p_w], grads[:, p_w:]
@@ -242,11 +283,3 @@ class MultiStageInfluence:
     def scores(self, test_inputs, test_targets: Tensor) -> InfluenceResult:
         """I(z_i, x_t) for every pretraining example z_i and test point x_t: [T, m], with −I/m and diagnostics."""
         return self.score_vectors(self.test_vectors(test_inputs, test_targets))
-
-
-def _require(params: Params, names: Sequence[str], what: str) -> list[str]:
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise KeyError(f"The {what} parameters lack {missing}. Fix: pass the `params` of the fit "
-                       f"({'pretrain' if what == 'pretrained' else 'finetune'}(...).params).")
-    return list(names)

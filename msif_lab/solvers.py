@@ -11,16 +11,21 @@ returns ``(X, SolveInfo)`` so that notebooks and users can show how good the ans
   above the largest |eigenvalue| by power iteration unless given; raises :class:`SolverDivergedError` when the
   iterate grows faster than a convergent series can. Memory is flat in the depth J (one iterate is kept).
 
+A right-hand side with NaN/inf entries is refused (:class:`msif_lab.curvature.NonFiniteError`) by every solver.
+
 Taught in notebook 02.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .curvature import NonFiniteError
 
 HVP = Callable[[Tensor], Tensor]
 
@@ -77,12 +82,32 @@ class SolverDivergedError(SolverError):
     """LiSSA's iterate diverged or turned non-finite."""
 
 
-def _as_matrix(v: Tensor) -> tuple[Tensor, bool]:
+class IndefiniteHessianWarning(UserWarning):
+    """Influence was computed where H + λI has eigenvalues ≤ 0: the parameters are a saddle point, not a minimum,
+    so the scores do not predict what re-training would do (the fix: train to a minimum, or damp above −λ_min(H)).
+
+    Warned by :func:`msif_lab.influence.single_stage_influence` and :class:`msif_lab.influence.MultiStageInfluence`
+    when a dense solve reports non-positive eigenvalues (CG raises :class:`NegativeCurvatureError` instead). Where a
+    saddle is intended, silence it around that call: ``with warnings.catch_warnings():
+    warnings.simplefilter("ignore", IndefiniteHessianWarning)``.
+    """
+
+
+def _as_matrix(v: Tensor, method: str) -> tuple[Tensor, bool]:
+    """v [p] or [k, p] as [k, p] (and whether it was one vector); refuses NaN/inf entries."""
     if v.dim() == 1:
-        return v.unsqueeze(0), True
-    if v.dim() != 2:
+        V, single = v.unsqueeze(0), True
+    elif v.dim() == 2:
+        V, single = v, False
+    else:
         raise ValueError(f"Right-hand side must be [p] or [k, p], got shape {tuple(v.shape)}.")
-    return v, False
+    bad = int((~torch.isfinite(V)).sum())
+    if bad:
+        raise NonFiniteError(
+            f"The right-hand side v of the {method} solve has {bad} NaN/inf entries (of {V.numel()}): (H + λI)⁻¹v is "
+            "undefined. Fix: v is usually a test point's gradient; check the test inputs and the parameters for "
+            "NaN/inf, lower the scale of the data, or compute in float64.")
+    return V, single
 
 
 def _relative_residual(hvp: HVP, damping: float, X: Tensor, V: Tensor) -> tuple[float, int]:
@@ -111,8 +136,13 @@ class DenseFactor:
         return cls(e, Q)
 
     def solve(self, v: Tensor, damping: float) -> tuple[Tensor, SolveInfo]:
-        """x = (H + λI)⁻¹ v for v [p] or [k, p]. Raises ``ValueError`` if H + λI is singular."""
-        V, single = _as_matrix(v)
+        """x = (H + λI)⁻¹ v for v [p] or [k, p]. Raises ``ValueError`` if H + λI is singular or v has another length
+        than p, :class:`~msif_lab.curvature.NonFiniteError` if v has NaN/inf entries."""
+        V, single = _as_matrix(v, "dense")
+        p = len(self.eigenvalues)
+        if V.shape[1] != p:
+            raise ValueError(f"The right-hand side has length {V.shape[1]} but the Hessian is {p}×{p}: expected v of "
+                             f"shape [{p}] or [k, {p}]. Fix: take v over the same parameters as the Hessian.")
         d = self.eigenvalues + damping
         n_nonpos = int((d <= 0).sum())
         tiny = d.abs().max() * torch.finfo(d.dtype).eps * len(d)
@@ -144,7 +174,7 @@ def cg_solve(hvp: HVP, v: Tensor, damping: float = 0.0, *, tol: float = 1e-8, ma
     Stops when ||r|| ≤ tol·||v||. Raises :class:`NegativeCurvatureError` if pᵀ(H + λI)p ≤ 0 for a search direction.
     ``info.converged`` is False when ``max_iter`` (default 10·p, at most 1000) was reached first.
     """
-    V, single = _as_matrix(v)
+    V, single = _as_matrix(v, "cg")
     p = V.shape[1]
     max_iter = min(10 * p, 1000) if max_iter is None else int(max_iter)
     info = SolveInfo("cg", damping, p, n_rhs=len(V))
@@ -219,7 +249,7 @@ def lissa_solve(hvp: HVP, v: Tensor, damping: float = 0.0, *, scale: float | Non
     Raises :class:`SolverDivergedError` if an iterate is non-finite or exceeds 10·(j+1)·||v||, the largest a
     convergent series can reach (each term has norm ≤ ||v|| when 0 ≤ eig((H+λI)/s) ≤ 2).
     """
-    V, single = _as_matrix(v)
+    V, single = _as_matrix(v, "lissa")
     p = V.shape[1]
     info = SolveInfo("lissa", damping, p, n_rhs=len(V))
     if scale is None:
@@ -265,12 +295,24 @@ def lissa_solve(hvp: HVP, v: Tensor, damping: float = 0.0, *, scale: float | Non
 
 
 # ----------------------------------------------------------------------------------------------------- config
+def _keyword_only(fn: Callable) -> tuple[str, ...]:
+    """Names of ``fn``'s keyword-only arguments (the settings after ``*``)."""
+    return tuple(n for n, a in inspect.signature(fn).parameters.items() if a.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+OPTIONS = {"dense": (), "cg": _keyword_only(cg_solve),
+           "lissa": tuple(n for n in _keyword_only(lissa_solve) if n != "sample_hvp") + ("lissa_batch",)}
+"""The valid ``Solver.options`` of each method: the solver function's keyword-only arguments (``sample_hvp`` of
+LiSSA is built by :class:`Solver` from ``lissa_batch``)."""
+
+
 @dataclass(frozen=True)
 class Solver:
     """Which iHVP method to use and its settings; ``Solver("cg", damping=1e-3)``.
 
     ``damping`` is the λ of (H + λI)x = v. ``options`` go to :func:`cg_solve` (tol, max_iter) or
-    :func:`lissa_solve` (scale, depth, repeats, tol, seed; ``lissa_batch`` for mini-batch HVPs).
+    :func:`lissa_solve` (scale, depth, repeats, tol, seed; ``lissa_batch`` for mini-batch HVPs); ``dense`` takes
+    none. Unknown option names are refused here, not at the first solve (see :data:`OPTIONS`).
     """
 
     method: str = "dense"
@@ -282,6 +324,13 @@ class Solver:
             raise ValueError(f"Unknown solver {self.method!r}; choose 'dense', 'cg' or 'lissa'.")
         if not (math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"damping must be a finite λ ≥ 0, got {self.damping}.")
+        valid = OPTIONS[self.method]
+        unknown = [k for k in self.options if k not in valid]
+        if unknown:
+            fix = "pass damping=λ to Solver itself" if unknown == ["damping"] else (
+                f"use only {list(valid)}" if valid else "drop the options (or choose 'cg' or 'lissa')")
+            raise ValueError(f"Unknown option(s) {unknown} for the {self.method!r} solver; its options are "
+                             f"{list(valid)}. Fix: {fix}.")
 
     def with_damping(self, damping: float) -> "Solver":
         return replace(self, damping=damping)

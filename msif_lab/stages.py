@@ -36,6 +36,15 @@ Params = dict[str, Tensor]
 """Parameter name (as in ``model.named_parameters()``) -> tensor."""
 
 
+class LossError(RuntimeError):
+    """The model or the per-example loss failed on a stage's inputs (wrong dtype, label out of range, ...).
+
+    Raised, chained from the original error, the first time a stage evaluates its loss on new data (its training
+    set when the :class:`Stage` is built, a test batch when influence is computed); the message shows the dtypes and
+    shapes involved and the likely fix.
+    """
+
+
 def as_tuple(inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     """Model inputs as a tuple of tensors sharing the leading (example) dimension."""
     return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
@@ -153,7 +162,29 @@ class Stage:
 
     def losses(self, params: Params, inputs: Tensor | Sequence[Tensor], targets: Tensor) -> Tensor:
         """Per-example losses [B] for a batch with the given parameters."""
-        out = self.loss_fn(self.outputs(params, inputs), targets)
+        return self._per_example(self.loss_fn(self.outputs(params, inputs), targets), targets)
+
+    def checked_losses(self, params: Params, inputs: Tensor | Sequence[Tensor], targets: Tensor, what: str) -> Tensor:
+        """:meth:`losses`, with a failure of the model or of ``loss_fn`` re-raised as :class:`LossError`, whose message
+        starts with ``what`` (which stage, on which data) and shows the dtypes and shapes involved and the likely fix.
+        For the first evaluation on new data (once per call, not in the inner loops)."""
+        try:
+            out = self.loss_fn(self.outputs(params, inputs), targets)
+        except Exception as err:
+            raise LossError(self._loss_failure(err, params, as_tuple(inputs), targets, what)) from err
+        return self._per_example(out, targets)
+
+    def check_params(self, params: Params, names: Sequence[str], what: str, fix: str) -> None:
+        """Raise ``KeyError`` if ``params`` lacks one of ``names``, ``ValueError`` if one of its tensors has another
+        shape or dtype than the model's parameter of that name (``TypeError`` if it is no tensor); the message calls
+        the dict "the ``what`` parameters" and ends with ``fix``."""
+        problem = _param_problem(self, params, names, what)
+        if problem is not None:
+            kind, text = problem
+            raise kind(f"{text} Fix: {fix}")
+
+    @staticmethod
+    def _per_example(out: Tensor, targets: Tensor) -> Tensor:
         if out.dim() != 1 or out.shape[0] != len(targets):
             raise ValueError(
                 f"loss_fn returned shape {tuple(out.shape)} for a batch of {len(targets)} examples; it must return "
@@ -185,10 +216,50 @@ class Stage:
                 "embedding": self.embedding_names, "head": self.head_names, "weight_decay": self.weight_decay}
 
     def _check_loss(self):
-        k = min(2, self.n)
+        """Evaluate the loss on the first two examples and, for integer targets, on those holding the smallest and
+        the largest label (where a label out of the model's range would show)."""
+        rows = list(range(min(2, self.n)))
+        flat = self.targets.reshape(self.n, -1)
+        if not flat.is_floating_point() and flat.shape[1]:
+            rows += [int(flat.min(1).values.argmin()), int(flat.max(1).values.argmax())]
+        rows = sorted(set(rows))
+        what = f"Building the Stage of {type(self.model).__name__}: its loss on training examples {rows}"
         with torch.no_grad():
             params = {n: p for n, p in self._module.named_parameters() if n in self.trainable_names}
-            self.losses(params, index_inputs(self.inputs, slice(0, k)), self.targets[:k])
+            self.checked_losses(params, index_inputs(self.inputs, rows), self.targets[rows], what)
+
+    def _loss_failure(self, err: Exception, params: Params, inputs: tuple[Tensor, ...], targets: Tensor,
+                      what: str) -> str:
+        """The message of a :class:`LossError`: what failed, the dtypes and shapes involved, the likely fix."""
+        def desc(t: Tensor) -> str:
+            return f"{tuple(t.shape)} {t.dtype}"
+
+        param_dtypes = sorted({str(p.dtype) for p in params.values()})
+        with torch.no_grad():
+            try:
+                out = self.outputs(params, inputs)
+            except Exception:
+                out = None
+        facts = [f"inputs {', '.join(desc(x) for x in inputs)}", f"targets {desc(targets)}",
+                 f"model parameters {', '.join(param_dtypes)}"]
+        fixes = [f"use one dtype for the model and its data (e.g. model.to(torch.float64) before building the "
+                 f"Stage, and x.to(torch.float64)): input {k} is {x.dtype}"
+                 for k, x in enumerate(inputs) if x.is_floating_point() and str(x.dtype) not in param_dtypes]
+        if out is not None:
+            facts.append(f"model outputs {desc(out)}")
+            if targets.is_floating_point() and out.dim() >= 2:
+                fixes.append(f"a cross-entropy loss needs integer class targets, got {targets.dtype}: pass y.long()")
+            elif not targets.is_floating_point() and out.dim() >= 2 and targets.numel():
+                lo, hi, c = int(targets.min()), int(targets.max()), out.shape[1]
+                if hi >= c or lo < 0:
+                    fixes.append(f"the labels range over {lo}..{hi} but the model has {c} outputs (classes 0..{c - 1}; "
+                                 "negative only as the loss's ignore_index): fix the labels or the head's size")
+        if not fixes:
+            fixes.append("call loss_fn(model(x), y) on these inputs yourself to see what goes wrong")
+        failed = "the model" if out is None else "loss_fn"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return (f"{what}: {failed} failed with {type(err).__name__}: {first}\n  ({'; '.join(facts)})\n"
+                f"Likely fix: {'; '.join(fixes)}.")
 
 
 @dataclass
@@ -239,6 +310,25 @@ class TwoStage:
         ft = self.finetune
         return ft.head_names if self.alpha is None else ft.trainable_names
 
+    def check_params(self, pretrained: Params, finetuned: Params) -> None:
+        """Raise ``KeyError`` / ``ValueError`` (as :meth:`Stage.check_params`) unless ``pretrained`` holds every
+        trainable parameter of the pretraining model and ``finetuned`` every one of the finetuning model, each with the
+        model's shape and dtype. When a dict fits the *other* model instead, the message asks whether the two were
+        swapped."""
+        sides = {"pretrained": (self.pretrain, pretrained, "pretraining", "pretrain"),
+                 "finetuned": (self.finetune, finetuned, "finetuning", "finetune")}
+        for what, other in (("pretrained", "finetuned"), ("finetuned", "pretrained")):
+            stage, params, _, fit = sides[what]
+            problem = _param_problem(stage, params, stage.trainable_names, what)
+            if problem is None:
+                continue
+            kind, text = problem
+            other_stage, _, other_model, _ = sides[other]
+            if _param_problem(other_stage, params, other_stage.trainable_names, other) is None:
+                text += (f" These parameters fit the {other_model} model: did you pass the {other} parameters as the "
+                         f"{what} ones?")
+            raise kind(f"{text} Fix: pass the `params` of the {fit} fit ({fit}(...).params) as `{what}`.")
+
     def embedding_for_finetune(self, pretrained: Params) -> Params:
         """The pretrained W renamed to the finetuning model's parameter names."""
         return {b: pretrained[a] for a, b in self.w_pairs}
@@ -246,3 +336,24 @@ class TwoStage:
     def embedding_from_finetune(self, finetuned: Params) -> Params:
         """The finetuned W renamed to the pretraining model's parameter names."""
         return {a: finetuned[b] for a, b in self.w_pairs}
+
+
+def _param_problem(stage: Stage, params: Params, names: Sequence[str], what: str) -> tuple[type, str] | None:
+    """(exception class, message) for the first of ``names`` that ``params`` lacks or holds with another shape or
+    dtype than the stage's model; ``None`` when all fit."""
+    missing = [n for n in names if n not in params]
+    if missing:
+        return KeyError, f"The {what} parameters lack {missing}."
+    model = dict(stage._module.named_parameters())
+    for n in names:
+        given, want = params[n], model.get(n)
+        if not isinstance(given, Tensor):
+            return TypeError, f"The {what} parameter {n!r} is a {type(given).__name__}, not a tensor."
+        if want is None:
+            continue
+        if given.shape != want.shape:
+            return ValueError, (f"The {what} parameter {n!r} has shape {tuple(given.shape)} but the model's has shape "
+                                f"{tuple(want.shape)}.")
+        if given.dtype != want.dtype:
+            return ValueError, f"The {what} parameter {n!r} has dtype {given.dtype} but the model's is {want.dtype}."
+    return None

@@ -1,5 +1,7 @@
 """Ground truth for msif_lab.influence: closed forms, leave-one-out retraining, finite differences of the full
 two-stage re-optimisation, the α limits, and the formulas computed by hand with dense matrices."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +15,8 @@ except ImportError:  # tests/ made a package
 
 from msif_lab.curvature import NonFiniteError, ParamSpace, StageObjective, per_example_grads
 from msif_lab.influence import InfluenceResult, MultiStageInfluence, single_stage_influence
-from msif_lab.solvers import Solver
-from msif_lab.stages import Stage, TwoStage
+from msif_lab.solvers import IndefiniteHessianWarning, Solver
+from msif_lab.stages import LossError, Stage, TwoStage
 from msif_lab.train import fit_stage
 
 
@@ -321,6 +323,7 @@ def test_models_with_several_inputs():
     assert rel_err(a[:, 2], fd_influence(ts, pre, ft, (Xt, tz), yt, 2)) < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore::msif_lab.solvers.IndefiniteHessianWarning")  # untrained: batching only
 def test_batchnorm_embedding_scores_do_not_depend_on_batching():
     torch.manual_seed(0)
 
@@ -415,8 +418,70 @@ def test_indefinite_pretraining_hessian_is_reported_not_hidden():
     n_neg = int((torch.linalg.eigvalsh(H) <= 0).sum())
     assert n_neg > 0  # precondition of this test
     _, Xt, yt = make_two_stage(None)
-    res = MultiStageInfluence(ts, pre, ft).scores(Xt, yt)
+    with pytest.warns(IndefiniteHessianWarning, match=rf"pretraining Hessian H_f \+ λI is indefinite: {n_neg} "
+                      r"eigenvalue.*saddle point.*train to a minimum.*pretrain_solver=Solver\(\.\.\., damping=λ\)"):
+        res = MultiStageInfluence(ts, pre, ft).scores(Xt, yt)
     assert res.diagnostics["pretrain"].n_negative == n_neg
+    assert torch.isfinite(res.scores).all()  # scores still come back, with the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IndefiniteHessianWarning)  # enough damping: a positive definite system
+        MultiStageInfluence(ts, pre, ft, pretrain_solver=Solver("dense", 1.0)).scores(Xt, yt)
     from msif_lab.solvers import NegativeCurvatureError
     with pytest.raises(NegativeCurvatureError, match="increase the damping"):
         MultiStageInfluence(ts, pre, ft, pretrain_solver=Solver("cg")).scores(Xt, yt)
+
+
+def test_single_stage_warns_at_a_saddle_and_is_quiet_at_a_minimum():
+    ts, pre, _, Xt, yt = trained(None)
+    stage = ts.pretrain
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IndefiniteHessianWarning)
+        single_stage_influence(stage, pre.params, Xt[:1], torch.tensor([0]))  # a tight minimum: no warning
+    saddle = {n: 3.0 * p for n, p in stage.initial_params().items()}
+    with pytest.warns(IndefiniteHessianWarning, match=r"Hessian H of the training objective.*solver=Solver") as rec:
+        single_stage_influence(stage, saddle, Xt[:1], torch.tensor([0]))
+    assert rec[0].filename == __file__  # points at the caller, not at msif_lab
+
+
+def test_empty_test_batch_is_refused():
+    inf, Xt, yt = _inf()
+    with pytest.raises(ValueError, match=r"test batch is empty \(0 test points\).*at least one test point"):
+        inf.scores(Xt[:0], yt[:0])
+    ts, pre, _, _, _ = trained(None)
+    Z, yz = ts.pretrain.inputs[0], ts.pretrain.targets
+    with pytest.raises(ValueError, match="test batch is empty"):
+        single_stage_influence(ts.pretrain, pre.params, Z[:0], yz[:0])
+
+
+def test_swapped_parameter_dicts_are_named():
+    ts, pre, ft, _, _ = trained(None)
+    with pytest.raises(ValueError, match=r"pretrained parameter 'head.weight' has shape \(2, 3\) but the model's has "
+                                         r"shape \(3, 3\).*did you pass the finetuned parameters as the pretrained"):
+        MultiStageInfluence(ts, ft.params, pre.params)
+
+
+def test_parameters_of_the_wrong_shape_or_dtype():
+    ts, pre, ft, Xt, yt = trained(None)
+    bad = {**pre.params, "embed.net.1.weight": pre.params["embed.net.1.weight"][:, :1]}
+    with pytest.raises(ValueError, match=r"pretrained parameter 'embed.net.1.weight' has shape \(3, 1\) but the "
+                                         r"model's has shape \(3, 5\).*Fix: pass the `params` of the pretrain fit"):
+        MultiStageInfluence(ts, bad, ft.params)
+    bad = {**ft.params, "head.bias": ft.params["head.bias"].float()}
+    with pytest.raises(ValueError, match=r"finetuned parameter 'head.bias' has dtype torch.float32 but the model's "
+                                         r"is torch.float64"):
+        MultiStageInfluence(ts, pre.params, bad)
+    with pytest.raises(ValueError, match=r"given parameter 'head.weight' has shape \(2, 3\)"):
+        single_stage_influence(ts.pretrain, ft.params, Xt, yt)
+
+
+def test_a_failing_test_loss_says_which_stage_and_why():
+    inf, Xt, yt = _inf()
+    with pytest.raises(LossError, match=r"(?s)finetuning stage's loss on the test batch.*IndexError.*labels range "
+                                        r"over 0\.\.5 but the model has 2 outputs") as err:
+        inf.scores(Xt, torch.tensor([0, 1, 5]))
+    assert isinstance(err.value.__cause__, IndexError)
+    with pytest.raises(LossError, match=r"(?s)targets \(3,\) torch.float64.*integer class targets.*y.long\(\)"):
+        inf.scores(Xt, yt.to(DT))
+    ts, pre, _, _, _ = trained(None)
+    with pytest.raises(LossError, match="single_stage_influence: the stage's loss on the test batch"):
+        single_stage_influence(ts.pretrain, pre.params, Xt, torch.tensor([0, 1, 7]))

@@ -9,7 +9,7 @@ try:
 except ImportError:  # tests/ made a package
     from tests.tiny_models import DT, random_spd, random_symmetric, trained
 
-from msif_lab.curvature import StageObjective
+from msif_lab.curvature import NonFiniteError, StageObjective
 from msif_lab.solvers import (DenseFactor, NegativeCurvatureError, Solver, SolveInfo, SolverDivergedError, cg_solve,
                               dense_solve, lissa_solve, power_iteration)
 
@@ -207,3 +207,36 @@ def test_solver_config_validates_its_arguments():
             Solver("cg", damping=bad)
     s = Solver("cg", 0.1).with_damping(0.2)
     assert s.method == "cg" and s.damping == 0.2
+
+
+@pytest.mark.parametrize("solve", [
+    lambda H, v: dense_solve(H, v),
+    lambda H, v: cg_solve(lambda x: H @ x, v),
+    lambda H, v: lissa_solve(lambda x: H @ x, v, depth=10),
+], ids=["dense", "cg", "lissa"])
+def test_non_finite_right_hand_side_is_refused(solve):
+    H = random_spd(3)
+    v = _rhs(2, 3)
+    v[1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="right-hand side v of the .* solve has 1 NaN/inf entries"):
+        solve(H, v)
+
+
+def test_dense_right_hand_side_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"right-hand side has length 5 but the Hessian is 4×4: expected v of shape "
+                                         r"\[4\] or \[k, 4\]"):
+        dense_solve(random_spd(4), _rhs(1, 5)[0])
+
+
+def test_solver_options_are_checked_when_the_solver_is_made():
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['tolerance'\] for the 'cg' solver; its options are "
+                                         r"\['tol', 'max_iter'\]"):
+        Solver("cg", options={"tolerance": 1e-6})
+    with pytest.raises(ValueError, match=r"'lissa' solver; its options are \['scale', 'depth', 'repeats', 'tol', "
+                                         r"'seed', 'lissa_batch'\]"):
+        Solver("lissa", options={"batch": 8})
+    with pytest.raises(ValueError, match="'dense' solver; its options are \\[\\]. Fix: drop the options"):
+        Solver("dense", options={"tol": 1e-6})
+    with pytest.raises(ValueError, match="pass damping=λ to Solver itself"):
+        Solver("cg", options={"damping": 0.1})
+    Solver("lissa", options={"lissa_batch": 8, "depth": 5, "seed": 1})  # valid ones pass

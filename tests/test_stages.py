@@ -9,7 +9,7 @@ except ImportError:  # tests/ made a package
     from tests.tiny_models import DT, assert_unchanged, ce, ce_mean, data, make_two_stage, models, snapshot
 
 from msif_lab.models import MLPEmbedding, classifier
-from msif_lab.stages import Stage, TwoStage
+from msif_lab.stages import LossError, Stage, TwoStage
 
 
 def test_names_of_w_u_theta():
@@ -162,3 +162,33 @@ def test_batches_cover_the_data_in_order():
     assert torch.equal(rows, st.inputs[0])
     with pytest.raises(ValueError, match="batch_size must be positive"):
         list(st.batches(0))
+
+
+def test_loss_that_fails_on_the_training_data_is_explained():
+    pre, _ = models()
+    Z, yz, *_ = data()
+    with pytest.raises(LossError, match=r"(?s)Building the Stage of EmbeddingWithHead.*the model failed with "
+                                        r"RuntimeError.*model parameters torch.float32.*use one dtype for the model "
+                                        r"and its data") as err:
+        Stage(pre.float(), ce, Z, yz)
+    assert isinstance(err.value.__cause__, RuntimeError)
+    pre, _ = models()
+    with pytest.raises(LossError, match=r"(?s)integer class targets, got torch.float64"):
+        Stage(pre, ce, Z, yz.to(DT))
+    bad = yz.clone()
+    bad[17] = 3  # one label out of the head's range 0..2, far from the first rows
+    with pytest.raises(LossError, match=r"(?s)training examples \[0, 1, 17\].*labels range over 0\.\.3 but the model "
+                                        r"has 3 outputs"):
+        Stage(pre, ce, Z, bad)
+
+
+def test_parameter_dicts_are_checked_against_both_models():
+    ts, _, _ = make_two_stage(None)
+    pre, ft = ts.pretrain.initial_params(), ts.finetune.initial_params()
+    ts.check_params(pre, ft)
+    with pytest.raises(ValueError, match="did you pass the pretrained parameters as the finetuned ones"):
+        ts.check_params(pre, pre)
+    with pytest.raises(KeyError, match=r"finetuned parameters lack \['head.bias'\]"):
+        ts.check_params(pre, {n: p for n, p in ft.items() if n != "head.bias"})
+    with pytest.raises(TypeError, match="pretrained parameter 'head.bias' is a list, not a tensor"):
+        ts.check_params({**pre, "head.bias": [0.0]}, ft)
