@@ -12,6 +12,7 @@ Taught in notebooks 03 (case A) and 04 (case B); reused by the later validation 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .influence import MultiStageInfluence
-from .solvers import SolveInfo, Solver
+from .solvers import IndefiniteHessianWarning, SolveInfo, Solver
 from .stages import Params, TwoStage
 from .train import FitResult
 from .validate import Validation
@@ -178,7 +179,10 @@ def alpha_sweep(two_stage: TwoStage, pretrained: Params, start_alpha: float, sta
                                   finetune_solver=finetune_solver)
         if previous is not None:
             inf.share_pretrain_factor(previous)  # H_f does not depend on α: factorise it once
-        res = inf.scores(test_x, test_y)
+        with warnings.catch_warnings():
+            # the sweep visits saddles on purpose (notebook 04): each row reports them in its `solve`
+            warnings.simplefilter("ignore", IndefiniteHessianWarning)
+            res = inf.scores(test_x, test_y)
         previous = inf
         shift = torch.sqrt(sum(((ft.params[n] - w) ** 2).sum() for n, w in w_star.items()))
         rows.append({

@@ -209,6 +209,7 @@ def pretrain(two_stage: TwoStage, init: Params | None = None, *, sample_weights:
     """Fit (W, U) on the pretraining set: (W*, U*) = argmin F. ``init`` defaults to the model's parameters."""
     stage = two_stage.pretrain
     init = stage.initial_params() if init is None else init
+    stage.check_params(init, stage.trainable_names, "initial", "pass the pretraining model's parameters as `init`.")
     return fit_stage(stage, init, stage.trainable_names, sample_weights=sample_weights, **fit_kwargs)
 
 
@@ -220,8 +221,11 @@ def finetune(two_stage: TwoStage, pretrained: Params, init: Params | None = None
     The result's ``params`` hold W and Θ under the finetuning model's names.
     """
     stage = two_stage.finetune
+    two_stage.pretrain.check_params(pretrained, [a for a, _ in two_stage.w_pairs], "pretrained",
+                                    "pass pretrain(...).params as `pretrained`.")
     w_star = two_stage.embedding_for_finetune(pretrained)
     start = stage.initial_params() if init is None else dict(init)
+    stage.check_params(start, stage.trainable_names, "initial", "pass the finetuning model's parameters as `init`.")
     if two_stage.case == "A" or init is None:
         start.update(w_star)
     proximal = None if two_stage.case == "A" else (two_stage.alpha, w_star)

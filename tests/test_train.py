@@ -163,3 +163,16 @@ def test_lbfgs_whitened_by_a_reference_hessian_reaches_the_same_optimum_without_
     assert calls == [] and whitened.converged and whitened.grad_norm <= 1e-11, whitened.summary()
     assert all(torch.allclose(whitened.params[n], reference.params[n], rtol=0, atol=1e-9) for n in names)
     assert 1 < whitened.iterations < 100  # a few dozen gradients
+
+
+def test_wrong_parameter_dicts_are_refused_before_fitting():
+    ts, _, _ = make_two_stage(None)
+    pre = pretrain(ts, tol=1e-8, max_iter=2000)
+    w_name = ts.w_pairs[0][0]
+    with pytest.raises(KeyError, match="pretrain"):
+        finetune(ts, {}, tol=1e-8)
+    bad = {**pre.params, w_name: pre.params[w_name][..., :-1]}
+    with pytest.raises(ValueError, match=f"pretrained parameter '{w_name}' has shape.*Fix: pass pretrain"):
+        finetune(ts, bad, tol=1e-8)
+    with pytest.raises(ValueError, match="Fix: pass the pretraining model's parameters as `init`"):
+        pretrain(ts, bad, tol=1e-8)
