@@ -281,7 +281,7 @@ def lissa_solve(hvp: HVP, v: Tensor, damping: float = 0.0, *, scale: float | Non
                         f"with scale s = {scale:g} and λ = {damping:g}: the series only converges when every eigenvalue "
                         "of (H + λI)/s lies in (0, 2). Fix: raise the scale above the largest eigenvalue (or let it be "
                         "chosen automatically), and raise λ above −λ_min(H) if H has negative eigenvalues.", info)
-                done = tol > 0 and (x_new - x).norm() <= tol * n
+                done = tol > 0 and bool((x_new - x).norm() <= tol * n)
                 x = x_new
                 info.iterations = max(info.iterations, j)
                 if done:

@@ -240,3 +240,12 @@ def test_solver_options_are_checked_when_the_solver_is_made():
     with pytest.raises(ValueError, match="pass damping=λ to Solver itself"):
         Solver("cg", options={"damping": 0.1})
     Solver("lissa", options={"lissa_batch": 8, "depth": 5, "seed": 1})  # valid ones pass
+
+
+def test_lissa_converged_says_whether_its_stopping_test_was_met():
+    H = random_spd(12, cond=200.0, seed=3)
+    v = _rhs(1, 12)[0]
+    _, short = lissa_solve(lambda x: H @ x, v, depth=20, tol=1e-12)  # far too few steps for this conditioning
+    _, long = lissa_solve(lambda x: H @ x, v, depth=20000, tol=1e-10)
+    assert short.converged is False and short.iterations == 20
+    assert long.converged is True and long.iterations < 20000
