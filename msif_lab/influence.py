@@ -29,7 +29,7 @@ from torch import Tensor
 from .cache import config_key
 from .curvature import ParamSpace, StageObjective, mixed_product, per_example_grads
 from .scoring import score_dots
-from .solvers import DenseFactor, IndefiniteHessianWarning, SolveInfo, Solver
+from .solvers import DenseFactor, IndefiniteHessianWarning, SolveInfo, Solver, check_solver
 from .stages import Params, Stage, TwoStage, as_tuple
 
 
@@ -130,6 +130,7 @@ def single_stage_influence(stage: Stage, params: Params, test_inputs, test_targe
     finds H + λI indefinite (a saddle) it warns :class:`~msif_lab.solvers.IndefiniteHessianWarning`. ``block``
     restricts the parameters (default: all trainable). Returns scores [T, n]. Taught in notebook 01.
     """
+    check_solver(solver, "solver")
     block = stage.trainable_names if block is None else list(block)
     stage.check_params(params, block + [n for n in stage.trainable_names if n in params and n not in block], "given",
                        "pass the `params` of the stage's fit (fit_stage(...).params).")
@@ -186,7 +187,8 @@ class MultiStageInfluence:
         if not any(a in self.pre_block for a, _ in two_stage.w_pairs):
             raise ValueError("pretrain_block holds no embedding parameter, so no pretraining influence can reach "
                              "the finetuned model. Fix: include at least one W parameter.")
-        self.pretrain_solver, self.finetune_solver = pretrain_solver, finetune_solver
+        self.pretrain_solver = check_solver(pretrain_solver, "pretrain_solver")
+        self.finetune_solver = check_solver(finetune_solver, "finetune_solver")
         self.batch_size, self.head_refit, self.scoring = batch_size, head_refit, scoring
         self.w_ft = [b for _, b in two_stage.w_pairs]
         self._pre_obj = StageObjective(pre, self.pretrained, self.pre_block, batch_size=batch_size)

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .paths import atomic_path, check_name, notebooks_dir, profile_dir
+from .paths import atomic_path, cache_dir, check_name, notebooks_dir, profile_dir
 from .results import RESULTS_FILE, load_results
 
 NOTEBOOK_PATTERN = re.compile(r"^\d\d_[A-Za-z0-9_]+\.ipynb$")
@@ -86,12 +86,15 @@ def list_notebooks(folder: str | os.PathLike | None = None) -> list[Path]:
 
 
 def select_notebooks(notebooks: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
-    """The notebooks named in ``only`` (numbers such as ``"03"`` or file names with or without .ipynb)."""
+    """The notebooks named in ``only``: numbers (``"03"`` or ``"3"``), names with or without .ipynb or a folder,
+    or several of these separated by commas."""
     if not only:
         return list(notebooks)
     chosen = []
-    for key in only:
-        key = key.removesuffix(".ipynb")
+    keys = [k.strip() for key in only for k in key.split(",") if k.strip()]  # "03,05" = --only 03 --only 05
+    for key in keys:
+        key = Path(key).name.removesuffix(".ipynb")
+        key = key.zfill(2) if key.isdigit() else key  # "5" = "05"
         hits = [p for p in notebooks if p.stem == key or p.stem.split("_", 1)[0] == key]
         if not hits:
             raise ValueError(f"--only {key}: no such notebook. Available: {[p.stem for p in notebooks]}.")
@@ -194,10 +197,17 @@ def profile_parameters(profile_name: str, path: Path) -> dict[str, Any]:
 
 
 def _resolve_device(params: dict[str, Any]) -> dict[str, Any]:
-    if params.get("DEVICE") == CUDA_WHEN_AVAILABLE:
-        import torch
+    """``cuda-when-available`` made concrete; a CUDA device asked for on a machine without one is refused."""
+    device = params.get("DEVICE")
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        return params
+    import torch
 
-        params = {**params, "DEVICE": "cuda" if torch.cuda.is_available() else "cpu"}
+    if device == CUDA_WHEN_AVAILABLE:
+        return {**params, "DEVICE": "cuda" if torch.cuda.is_available() else "cpu"}
+    if not torch.cuda.is_available():
+        raise UnknownParameterError(f"DEVICE={device!r}, but torch sees no CUDA GPU on this machine. Fix: -p DEVICE cpu, "
+                                    "or --profile paper, which uses a GPU only when there is one.")
     return params
 
 
@@ -328,7 +338,10 @@ def run_course(profile_name: str = "default", only: Sequence[str] | None = None,
         summary then lists what ran and the failure).
     """
     overrides = dict(overrides or {})
-    output_profile = output_profile or (CUSTOM_PROFILE if overrides else profile_name)
+    output_profile = check_name(output_profile or (CUSTOM_PROFILE if overrides else profile_name), "output profile")
+    if profile_dir(output_profile).resolve() == cache_dir().resolve():
+        raise ValueError(f"output profile {output_profile!r} is the cache folder {cache_dir()}. Fix: choose another "
+                         "name, e.g. --output-profile mine.")
     available = list_notebooks(folder)
     if not available:
         raise FileNotFoundError(f"no NN_*.ipynb notebooks in {folder or notebooks_dir()}.")
@@ -337,6 +350,7 @@ def run_course(profile_name: str = "default", only: Sequence[str] | None = None,
     for path in notebooks:  # check every notebook's parameters before running any
         params = {**profile_parameters(profile_name, path), **overrides}
         check_parameters(path, params)
+        _resolve_device(params)  # a CUDA device on a machine without one fails here, before any notebook runs
         plan.append((path, params))
     ran: dict[Path, dict[str, Any]] = {}
     for i, (path, params) in enumerate(plan, 1):
@@ -346,8 +360,9 @@ def run_course(profile_name: str = "default", only: Sequence[str] | None = None,
         entry = ran[path] = {"path": path, "title": notebook_title(path), "params": params}
         try:
             entry["results"] = run_notebook(path, params, profile_name=output_profile, progress=progress)
-        except NotebookFailed as err:
-            entry["error"] = str(err)
+        except (NotebookFailed, KeyboardInterrupt) as err:
+            entry["error"] = str(err) if isinstance(err, NotebookFailed) else \
+                "interrupted (Ctrl-C); the outputs of the last successful run are kept."
             write_summary(output_profile, _with_earlier_runs(available, ran, output_profile))
             raise
         entry["seconds"] = time.perf_counter() - start
@@ -475,14 +490,15 @@ def write_summary(output_profile: str, entries: Sequence[dict[str, Any]]) -> Pat
     for e in entries:
         status = "FAILED" if "error" in e else f"ok (earlier run, {e['results']['timestamp']})" \
             if e.get("earlier") else "ok"
-        seconds = f"{e['seconds']:.0f} s" if "seconds" in e else "—"
+        seconds = f"{e['seconds']:.0f} s" if "seconds" in e else \
+            f"{e['results']['elapsed_s']:.0f} s in the notebook" if e.get("earlier") and "results" in e else "—"
         lines.append(f"| [{e['path'].stem}](#{e['path'].stem}) | {_fmt(e['title'])} | {status} | {seconds} |")
     for e in entries:
         stem = e["path"].stem
         lines += ["", f'<a id="{stem}"></a>', f"## {stem}: {e['title']}", ""]
         params = ", ".join(f"`{k}={v!r}`" for k, v in e["params"].items()) or "stored parameters"
-        lines.append(f"Executed notebook: [notebooks/{e['path'].name}](notebooks/{e['path'].name}); "
-                     f"parameters: {params}.")
+        executed = f"{stem}.failed.ipynb" if "error" in e and not e.get("earlier") else e["path"].name
+        lines.append(f"Executed notebook: [notebooks/{executed}](notebooks/{executed}); parameters: {params}.")
         if "error" in e:
             lines += ["", "**FAILED**", "", "```", e["error"], "```"]
             continue
@@ -501,8 +517,8 @@ def write_summary(output_profile: str, entries: Sequence[dict[str, Any]]) -> Pat
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _list(profile_name: str, folder: str | None) -> None:
-    for path in list_notebooks(folder):
+def _list(profile_name: str, folder: str | None, only: Sequence[str] | None) -> None:
+    for path in select_notebooks(list_notebooks(folder), only):
         print(f"{path.stem}: {notebook_title(path)}")
         injected = profile_parameters(profile_name, path)
         for name, default in declared_parameters(path).items():
@@ -548,7 +564,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     if args.list:
-        _list(args.profile, args.notebooks)
+        try:
+            _list(args.profile, args.notebooks, args.only)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:  # `... --list | head`
+            sys.stderr.close()
         return 0
     try:
         notebooks = select_notebooks(list_notebooks(args.notebooks), args.only)
@@ -561,5 +583,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UnknownParameterError, NotebookFailed, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the outputs of the last successful run of the interrupted notebook are kept; "
+              "summary.md says which notebook it was.", file=sys.stderr)
+        return 130
     print(f"summary: {summary}")
     return 0

@@ -351,3 +351,11 @@ class Solver:
             def sample(x, gen):
                 return objective.hvp(x, index=torch.randperm(objective.n, generator=gen)[:batch])
         return lissa_solve(objective.hvp, V, self.damping, sample_hvp=sample, **opts)
+
+
+def check_solver(solver, argument: str) -> Solver:
+    """``solver`` if it is a :class:`Solver`; otherwise a ``TypeError`` naming ``argument`` and the fix."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"{argument} must be a Solver, got {solver!r}. Fix: {argument}=Solver({solver!r}) "
+                        "(or e.g. Solver('cg', damping=1e-3, options={'tol': 1e-8})).")
+    return solver

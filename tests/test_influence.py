@@ -485,3 +485,11 @@ def test_a_failing_test_loss_says_which_stage_and_why():
     ts, pre, _, _, _ = trained(None)
     with pytest.raises(LossError, match="single_stage_influence: the stage's loss on the test batch"):
         single_stage_influence(ts.pretrain, pre.params, Xt, torch.tensor([0, 1, 7]))
+
+
+def test_a_solver_given_by_name_is_refused_with_the_fix():
+    ts, pre, ft, Xt, yt = trained(None)
+    with pytest.raises(TypeError, match=r"pretrain_solver must be a Solver, got 'cg'\. Fix: pretrain_solver=Solver\('cg'\)"):
+        MultiStageInfluence(ts, pre.params, ft.params, pretrain_solver="cg")
+    with pytest.raises(TypeError, match=r"solver must be a Solver"):
+        single_stage_influence(ts.pretrain, pre.params, Xt[:1], yt[:1], solver="dense")

@@ -167,7 +167,9 @@ def test_a_failed_rerun_keeps_the_last_successful_outputs(course, isolated_outpu
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
     summary = (out / "summary.md").read_text()
     assert "| [01_first](#01_first) | First lesson | FAILED |" in summary
+    assert "Executed notebook: [notebooks/01_first.failed.ipynb](notebooks/01_first.failed.ipynb)" in summary
     assert "| [02_second](#02_second) | 02_second | ok (earlier run, " in summary and "| triple | 9 |" in summary
+    assert "s in the notebook |" in summary  # the earlier run's own time
 
     make_notebook(course, "01_first", PARAMS, SETUP.format(name="01_first"), "run.record('double', 2 * N)\nrun.save()")
     runner.run_course("default", only=["01"], folder=course, progress=False)
@@ -197,3 +199,30 @@ def test_summary_shows_recorded_tables_and_names_the_rest(tmp_path, isolated_out
     assert "**per_setting: mnist**" in summary and "| loss | 0.25 |" in summary
     assert "| sizes.W | 10 |" in summary
     assert "Also in results.json: `scores`, `fit`." in summary
+
+
+def test_only_accepts_short_numbers_commas_and_paths(course):
+    notebooks = runner.list_notebooks(course)
+    assert runner.select_notebooks(notebooks, ["2"]) == notebooks[1:]
+    assert runner.select_notebooks(notebooks, ["01,02"]) == notebooks
+    assert runner.select_notebooks(notebooks, [str(course / "02_second.ipynb")]) == notebooks[1:]
+
+
+def test_list_shows_only_the_selected_notebooks(course, capsys):
+    assert runner.main(["run", "--notebooks", str(course), "--list", "--only", "02"]) == 0
+    out = capsys.readouterr().out
+    assert "02_second" in out and "01_first" not in out
+
+
+def test_requests_that_cannot_work_here_fail_before_anything_runs(tmp_path, isolated_outputs, capsys, monkeypatch,
+                                                                   make_notebook):
+    import torch
+
+    folder = tmp_path / "nb"
+    make_notebook(folder, "01_gpu", "DEVICE = 'cpu'  # where to compute", "raise AssertionError('must not run')")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, whatever this one has
+    assert runner.main(["run", "--notebooks", str(folder), "-p", "DEVICE", "cuda"]) == 1
+    assert "DEVICE='cuda', but torch sees no CUDA GPU on this machine. Fix: -p DEVICE cpu" in capsys.readouterr().err
+    assert runner.main(["run", "--notebooks", str(folder), "--output-profile", "cache"]) == 1
+    assert "is the cache folder" in capsys.readouterr().err
+    assert not isolated_outputs.exists()
