@@ -493,3 +493,11 @@ def test_a_solver_given_by_name_is_refused_with_the_fix():
         MultiStageInfluence(ts, pre.params, ft.params, pretrain_solver="cg")
     with pytest.raises(TypeError, match=r"solver must be a Solver"):
         single_stage_influence(ts.pretrain, pre.params, Xt[:1], yt[:1], solver="dense")
+
+
+def test_settings_that_cannot_apply_are_refused_when_the_object_is_made():
+    ts, pre, ft, _, _ = trained(0.5)
+    with pytest.raises(ValueError, match="head_refit=False is the features-only ablation of case A"):
+        MultiStageInfluence(ts, pre.params, ft.params, head_refit=False)
+    with pytest.raises(ValueError, match=r"Unknown scoring method 'jvpp'; choose from \['auto', 'jvp', 'grad', 'factored'\]"):
+        MultiStageInfluence(ts, pre.params, ft.params, scoring="jvpp")
