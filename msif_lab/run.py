@@ -256,7 +256,7 @@ def run_notebook(path: str | os.PathLike, parameters: dict[str, Any] | None = No
     folder, failed_folder = out_dir / path.stem, out_dir / f"{path.stem}.failed"
     with _set_aside(folder):  # a failure restores the outputs of the last successful run
         try:
-            results = _execute(path, parameters, profile_name, partial, folder, progress)
+            results = _execute(path, parameters, profile_name, partial, failed_copy, folder, progress)
         except BaseException:
             shutil.rmtree(failed_folder, ignore_errors=True)
             if folder.exists():
@@ -271,14 +271,14 @@ def run_notebook(path: str | os.PathLike, parameters: dict[str, Any] | None = No
 
 
 @contextmanager
-def _set_aside(folder: Path) -> Iterator[Path]:
+def _set_aside(folder: Path) -> Iterator[None]:
     """Move ``folder`` to a hidden sibling for the duration; put it back if the body raises, else delete it."""
     backup = folder.with_name(f".{folder.name}.previous")
     shutil.rmtree(backup, ignore_errors=True)
     if folder.exists():
         folder.rename(backup)
     try:
-        yield backup
+        yield
     except BaseException:
         if backup.exists():
             shutil.rmtree(folder, ignore_errors=True)
@@ -287,13 +287,13 @@ def _set_aside(folder: Path) -> Iterator[Path]:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _execute(path: Path, parameters: dict[str, Any], profile_name: str, executed: Path, folder: Path,
-             progress: bool) -> dict[str, Any]:
-    """Run papermill (kernel in the notebook's folder) into ``executed``; return the new results.json."""
+def _execute(path: Path, parameters: dict[str, Any], profile_name: str, executed: Path, failed_copy: Path,
+             folder: Path, progress: bool) -> dict[str, Any]:
+    """Run papermill (kernel in the notebook's folder) into ``executed``; return the new results.json. Error
+    messages point at ``failed_copy``, where :func:`run_notebook` moves ``executed`` when this raises."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    failed_copy = executed.with_name(f"{path.stem}.failed.ipynb")
     kept = (f"The executed notebook with the full traceback: {failed_copy}; the outputs of the last successful "
             f"run (if any) are kept in {folder}.")
     with _environment(MSIF_PROFILE=profile_name):
