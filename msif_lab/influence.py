@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .cache import config_key
 from .curvature import ParamSpace, StageObjective, mixed_product, per_example_grads
-from .scoring import METHODS as SCORING_METHODS, score_dots
+from .scoring import check_method, score_dots
 from .solvers import DenseFactor, IndefiniteHessianWarning, SolveInfo, Solver, check_solver
 from .stages import Params, Stage, TwoStage, as_tuple
 
@@ -193,9 +193,7 @@ class MultiStageInfluence:
             raise ValueError("head_refit=False is the features-only ablation of case A; in case B (alpha set) the "
                              "finetuning Hessian couples W and Θ and there is no separate head path to drop. Fix: "
                              "use head_refit=True, or a TwoStage with alpha=None.")
-        if scoring not in SCORING_METHODS:
-            raise ValueError(f"Unknown scoring method {scoring!r}; choose from {list(SCORING_METHODS)}.")
-        self.batch_size, self.head_refit, self.scoring = batch_size, head_refit, scoring
+        self.batch_size, self.head_refit, self.scoring = batch_size, head_refit, check_method(scoring)
         self.w_ft = [b for _, b in two_stage.w_pairs]
         self._pre_obj = StageObjective(pre, self.pretrained, self.pre_block, batch_size=batch_size)
         if two_stage.case == "A":

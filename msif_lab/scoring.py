@@ -56,6 +56,7 @@ from .curvature import ParamSpace, check_finite, per_example_grads
 from .stages import Params, Stage, as_tuple, index_inputs
 
 METHODS = ("auto", "jvp", "grad", "factored")
+"""The scoring methods of :func:`score_dots` (see the module docstring)."""
 
 JVP_ALWAYS = 1
 """``"auto"`` uses a forward-mode JVP for this many test vectors or fewer, whatever the model (measured:
@@ -75,6 +76,13 @@ class FactoredUnsupported(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------- public
+def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`METHODS`, else a ``ValueError`` listing them."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown scoring method {method!r}; choose from {list(METHODS)}.")
+    return method
+
+
 def score_dots(stage: Stage, params: Params, block: Sequence[str], vectors: Tensor, *, inputs=None,
                targets: Tensor | None = None, batch_size: int | None = None, method: str = "auto") -> Tensor:
     """D[t, i] = vectors[t] · ∇_block loss(example_i): [T, N] for vectors [T, p] in the block's flat order.
@@ -94,8 +102,7 @@ def score_dots(stage: Stage, params: Params, block: Sequence[str], vectors: Tens
     if vectors.dim() != 2 or vectors.shape[1] != space.size:
         raise ValueError(f"vectors must be [T, {space.size}] (T test vectors over the block's {space.size} "
                          f"parameters), got {tuple(vectors.shape)}.")
-    if method not in METHODS:
-        raise ValueError(f"Unknown scoring method {method!r}; choose one of {METHODS}.")
+    check_method(method)
     inputs = stage.inputs if inputs is None else as_tuple(inputs)
     targets = stage.targets if targets is None else targets
     for t in inputs:
